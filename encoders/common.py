@@ -87,3 +87,45 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         o = F.scaled_dot_product_attention(qb, kb, vb)  # (blocks, heads, n, head_dim)
         out[idx] = o.transpose(1, 2).reshape(len(ss) * n, *q.shape[1:])
     return out
+
+
+def vision_position_ids(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """(row, col) of every patch, laid out the way Qwen vision processors emit them.
+
+    grid_thw: (n, 3) long, (t, h, w) in patches per item. Patches of each frame come in spatial-merge-block
+    order: block rows, block cols, then the merge_size x merge_size patches inside a block (row-major); every
+    frame of an item repeats the same layout. Returns (N, 2) long with N = sum(t*h*w). Vectorised over all
+    patches (only the per-item sizes are expanded), so there is no per-token loop.
+    """
+    grid_thw = grid_thw.long()
+    t, h, w = grid_thw.unbind(-1)
+    frame = h * w
+    counts = t * frame
+    heights = torch.repeat_interleave(h, counts)
+    widths = torch.repeat_interleave(w, counts)
+    first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    idx = (torch.arange(int(counts.sum()), device=grid_thw.device) - first) % (heights * widths)
+    m = merge_size
+    blocks_per_row = widths // m
+    in_col, in_row = idx % m, (idx // m) % m
+    block = idx // (m * m)
+    row = (block // blocks_per_row) * m + in_row
+    col = (block % blocks_per_row) * m + in_col
+    return torch.stack([row, col], dim=-1)
+
+
+def vision_rotary_cos_sin(grid_thw: torch.Tensor, head_dim: int, merge_size: int,
+                          theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D axial rotary tables for Qwen2.5-VL / Qwen3-VL style vision encoders, float32.
+
+    A quarter of head_dim frequencies, inv_freq[i] = theta^(-2i / (head_dim/2)), rotate by the patch row and
+    the same frequencies by the patch column; the half-dim angle vector is cat(row_angles, col_angles) and it
+    is duplicated to pair with `rotate_half`. Returns cos, sin of shape (N, head_dim) in merge-block order
+    (see `vision_position_ids`).
+    """
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float32, device=grid_thw.device) / half))
+    pos = vision_position_ids(grid_thw, merge_size).float()  # (N, 2)
+    angles = (pos[:, :, None] * inv_freq).flatten(1)  # (N, head_dim/2): [row freqs | col freqs]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
