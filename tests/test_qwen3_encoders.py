@@ -1,0 +1,160 @@
+"""Parity of the Qwen3-Omni audio (AuT) and vision (Qwen3-VL) encoders with transformers 5.24, float32, CPU.
+
+Tiny random-weight HF encoders (sizes of the reference probe's `tiny_q3_thinker_config`) are built, their
+state dicts loaded strictly into ours, and outputs compared. Weights are re-drawn at unit-ish scale so that
+activations are O(1) and an absolute tolerance is meaningful.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+# A torchaudio wheel beside the CPU torch breaks `import transformers.models.*`; make transformers skip it.
+import transformers.utils as _tu  # noqa: E402
+import transformers.utils.import_utils as _tiu  # noqa: E402
+
+_tu.is_torchaudio_available = lambda: False
+_tiu.is_torchaudio_available = lambda: False
+
+from transformers.models.qwen3_omni_moe import configuration_qwen3_omni_moe as hf_cfg  # noqa: E402
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_mod  # noqa: E402
+
+from encoders.common import from_hf_dict  # noqa: E402
+from encoders.qwen3_audio import Qwen3AudioConfig, Qwen3AudioEncoder, audio_output_lengths  # noqa: E402
+from encoders.qwen3_vision import Qwen3VisionConfig, Qwen3VisionEncoder  # noqa: E402
+
+TOL = 1e-5
+
+AUDIO = dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, num_mel_bins=128,
+             max_source_positions=1500, n_window=50, n_window_infer=800, conv_chunksize=500,
+             downsample_hidden_size=32, output_dim=64)
+VISION = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16, spatial_merge_size=2,
+              temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=2304,
+              deepstack_visual_indexes=[0, 1, 2])
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Fan-in scaled weights, non-trivial biases and norm gains: O(1) activations through every layer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                fan_in = p[0].numel() if "pos_embed" not in name else 1
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            elif "norm" in name or "ln_" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def audio_pair():
+    cfg = hf_cfg.Qwen3OmniMoeAudioEncoderConfig(**AUDIO)
+    hf = hf_mod.Qwen3OmniMoeAudioEncoder._from_config(cfg).float().eval()
+    _randomize(hf, seed=0)
+    ours = Qwen3AudioEncoder(from_hf_dict(Qwen3AudioConfig, cfg.to_dict())).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours
+
+
+@pytest.fixture(scope="module")
+def vision_pair():
+    cfg = hf_cfg.Qwen3OmniMoeVisionEncoderConfig(**VISION)
+    hf = hf_mod.Qwen3OmniMoeVisionEncoder._from_config(cfg).float().eval()
+    _randomize(hf, seed=1)
+    ours = Qwen3VisionEncoder(from_hf_dict(Qwen3VisionConfig, cfg.to_dict())).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours
+
+
+def test_config_requires_released_fields():
+    with pytest.raises(ValueError, match="d_model"):
+        from_hf_dict(Qwen3AudioConfig, {k: v for k, v in AUDIO.items() if k != "d_model"})
+    cfg = from_hf_dict(Qwen3VisionConfig, {**VISION, "apply_vit_abs_pos_embed": True})
+    assert cfg.extra == {"apply_vit_abs_pos_embed": True} and cfg.rope_theta == 10000.0
+
+
+def test_audio_output_lengths_formula():
+    lens = torch.tensor([1, 37, 99, 100, 101, 200, 300, 1000, 3000, 3999, 4000, 30017])
+    assert torch.equal(audio_output_lengths(lens), hf_mod._get_feat_extract_output_lengths(lens))
+    assert audio_output_lengths(torch.tensor([300, 3000])).tolist() == [39, 390]
+
+
+@pytest.mark.parametrize("lens", [[300], [4000], [1730, 250], [37, 80], [100, 1000, 5]],
+                         ids=["3s", "40s", "two-lengths", "two-short", "three"])
+def test_audio_encoder_matches_hf(audio_pair, lens):
+    hf, ours = audio_pair
+    g = torch.Generator().manual_seed(sum(lens))
+    feats = torch.randn(AUDIO["num_mel_bins"], sum(lens), generator=g)
+    feature_lens = torch.tensor(lens)
+    with torch.no_grad():
+        ref = hf(input_features=feats, feature_lens=feature_lens).last_hidden_state
+        out = ours(feats, feature_lens)
+    assert out.shape == (int(audio_output_lengths(feature_lens).sum()), AUDIO["output_dim"])
+    assert _max_diff(out, ref) <= TOL
+
+
+def test_audio_rejects_mismatched_lengths(audio_pair):
+    _, ours = audio_pair
+    with pytest.raises(ValueError):
+        ours(torch.randn(AUDIO["num_mel_bins"], 300), torch.tensor([299]))
+
+
+def _processor_images(sizes):
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for h, w in sizes]
+    out = Qwen2VLImageProcessorPil(patch_size=16)(images=images, return_tensors="pt")
+    return out["pixel_values"].float(), out["image_grid_thw"]
+
+
+def _compare_vision(vision_pair, pixel_values, grid_thw):
+    hf, ours = vision_pair
+    with torch.no_grad():
+        ref = hf(hidden_states=pixel_values, grid_thw=grid_thw)
+        merged, deepstack = ours(pixel_values, grid_thw)
+    n_tokens = int(grid_thw.prod(-1).sum()) // VISION["spatial_merge_size"] ** 2
+    assert merged.shape == (n_tokens, VISION["out_hidden_size"])
+    assert len(deepstack) == len(ref.deepstack_features) == len(VISION["deepstack_visual_indexes"])
+    assert _max_diff(merged, ref.pooler_output) <= TOL
+    for ours_k, ref_k in zip(deepstack, ref.deepstack_features):
+        assert _max_diff(ours_k, ref_k) <= TOL
+
+
+def test_vision_one_image_matches_hf(vision_pair):
+    pixel_values, grid_thw = _processor_images([(128, 192)])
+    assert grid_thw.tolist() == [[1, 8, 12]]
+    _compare_vision(vision_pair, pixel_values, grid_thw)
+
+
+def test_vision_two_images_matches_hf(vision_pair):
+    pixel_values, grid_thw = _processor_images([(128, 192), (96, 64)])
+    assert grid_thw.tolist() == [[1, 8, 12], [1, 6, 4]]
+    _compare_vision(vision_pair, pixel_values, grid_thw)
+
+
+def test_vision_video_and_image_match_hf(vision_pair):
+    # Video grid t=3 (each temporal patch attends only within itself) packed after a minimal 2x2 image.
+    grid_thw = torch.tensor([[1, 2, 2], [3, 4, 6]])
+    g = torch.Generator().manual_seed(3)
+    pixel_values = torch.randn(int(grid_thw.prod(-1).sum()), 3 * 2 * 16 * 16, generator=g)
+    _compare_vision(vision_pair, pixel_values, grid_thw)
+
+
+def test_vision_rejects_bad_shapes(vision_pair):
+    _, ours = vision_pair
+    with pytest.raises(ValueError):
+        ours(torch.randn(47, 1536), torch.tensor([[1, 6, 8]]))
+    with pytest.raises(ValueError):
+        ours(torch.randn(9, 1536), torch.tensor([[1, 3, 3]]))
