@@ -1,0 +1,201 @@
+"""`load()` and `Assistant`: the public API that the app, the CLI and the server all use.
+
+`Assistant.prepare(messages)` turns a chat (Qwen / transformers message format) into exactly what the model
+sees; `Assistant.chat(...)` generates the reply, as one string or as a stream of text pieces. Multi-turn
+conversations reuse the KV state of earlier turns through a `PrefixCache`, so only new tokens are prefilled.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .errors import ContextOverflowError, InputError
+from .generate import generate, make_generator
+from .models import build_model
+from .prefix_cache import PrefixCache
+from .sampling import SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-omni"
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError("--device cuda was asked for but no CUDA GPU is available")
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise InputError("--device mps was asked for but MPS is not available")
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype:
+        if dtype not in DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16")
+        return DTYPES[dtype]
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def load(model: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
+         ) -> "Assistant":
+    """Load a checkpoint (local directory or Hub id; default: the embedded model in assets/)."""
+    from .loader import resolve_checkpoint
+
+    path = resolve_checkpoint(model if model is not None else DEFAULT_MODEL)
+    dev = pick_device(device)
+    net, kind = build_model(path, pick_dtype(dtype, dev), dev)
+    return Assistant(net, Tokenizer.from_dir(path), path, kind)
+
+
+class Assistant:
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, path: Path, kind: str):
+        self.model, self.tokenizer, self.path, self.kind = model, tokenizer, path, kind
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.context_window = model.cfg.max_position_embeddings if hasattr(model, "cfg") else model.context_window
+        self.stop_ids = self._stop_ids()
+        self.prefix_cache = PrefixCache(capacity=4)
+        self.lock = threading.Lock()  # one generation at a time per model (the server batches instead)
+
+    # ---- what the model sees ------------------------------------------------------------------------------
+    def prepare(self, messages: list[dict], add_generation_prompt: bool = True, **options: Any) -> dict:
+        """The exact model inputs for `messages`: {"input_ids": (1, n) long, ...processor tensors}."""
+        self._need_tokenizer()
+        if hasattr(self.model, "prepare"):
+            return self.model.prepare(self.tokenizer, messages, add_generation_prompt, **options)
+        text = self.tokenizer.render(flatten_text(messages), add_generation_prompt=add_generation_prompt)
+        return {"input_ids": torch.tensor([self.tokenizer.encode(text)], dtype=torch.long)}
+
+    # ---- chatting ------------------------------------------------------------------------------------------
+    def chat(self, messages: list[dict], *, max_new_tokens: int = 512, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+             stream: bool = False, stats: dict | None = None, **options: Any) -> str | Iterator[str]:
+        """Reply to `messages`; with stream=True an iterator of text pieces as they are produced.
+
+        `stats`, when given, is filled with prompt/completion token counts, timings and reuse information.
+        """
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+        pieces = self._stream(messages, max_new_tokens, params, seed, stats if stats is not None else {}, options)
+        return pieces if stream else "".join(pieces)
+
+    def _stream(self, messages, max_new_tokens, params, seed, stats, options) -> Iterator[str]:
+        import time
+
+        t0 = time.perf_counter()
+        inputs = self.prepare(messages, **options)
+        ids = inputs["input_ids"]
+        n = ids.shape[1]
+        if n >= self.context_window:
+            raise ContextOverflowError(
+                f"the prompt is {n} tokens (media placeholders included) but this model's context window is "
+                f"{self.context_window}; shorten the conversation, or send smaller or fewer images/audio/video")
+        budget = min(max_new_tokens, self.context_window - n)
+        with self.lock:
+            cache, reused, _ = self.prefix_cache.take(ids[0].tolist())
+            if cache is None or cache.max_len < n + budget:
+                old, cache = cache, self.model.new_cache(1, n + budget)
+                reused = copy_prefix(old, cache, reused) if old is not None else 0
+            stats.update(prompt_tokens=n, reused_tokens=reused)
+            gen = make_generator(seed)
+            decoder = StreamDecoder(self.tokenizer)
+            out: list[int] = []
+            ttft = None
+
+            def prefill():
+                return self.model.prefill(inputs, cache, start=reused)
+
+            try:
+                for tok in generate(prefill, lambda t: self.model.decode_step(t, cache), context_ids=ids,
+                                    max_new_tokens=budget, stop_ids=self.stop_ids, params=params, generator=gen):
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    out.append(tok)
+                    piece = decoder.push(tok)
+                    if piece:
+                        yield piece
+                tail = decoder.flush()
+                if tail:
+                    yield tail
+            finally:
+                # keep the state for the next turn: the prompt plus what was generated and is in the cache
+                held = ids[0].tolist() + out[:-1] if out else ids[0].tolist()
+                cache.truncate(len(held))
+                self.prefix_cache.put(held, cache)
+                dt = time.perf_counter() - t0
+                stats.update(completion_tokens=len(out), time_to_first_token=ttft, total_time=dt,
+                             tokens_per_second=(len(out) - 1) / (dt - ttft) if ttft and len(out) > 1 and dt > ttft
+                             else None)
+
+    # ---- facts for the UI ----------------------------------------------------------------------------------
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def num_active_parameters(self) -> int:
+        """Parameters touched per generated token: MoE layers count only top-k of their experts."""
+        from .moe import SparseMoE
+
+        total = self.num_parameters
+        for m in self.model.modules():
+            if isinstance(m, SparseMoE):
+                e = m.experts.gate_up_proj.shape[0]
+                per_expert = (m.experts.gate_up_proj.numel() + m.experts.down_proj.numel()) // e
+                total -= (e - m.top_k) * per_expert
+        return total
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise InputError(f"{self.path} has no tokenizer files (tokenizer.json or vocab.json), so it cannot chat")
+
+    def _stop_ids(self) -> list[int]:
+        ids: set[int] = set()
+        gen_cfg = self.path / "generation_config.json"
+        for src in ([json.loads(gen_cfg.read_text())] if gen_cfg.is_file() else []):
+            eos = src.get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer is not None:
+            for t in ("<|im_end|>", "<|endoftext|>"):
+                if (i := self.tokenizer.token_id(t)) is not None:
+                    ids.add(i)
+        return sorted(ids)
+
+
+def copy_prefix(src, dst, n: int) -> int:
+    """Copy the first n cached positions of row 0 from one cache into a larger one."""
+    for layer in range(len(src.k)):
+        dst.k[layer][:, :, :n] = src.k[layer][:, :, :n]
+        dst.v[layer][:, :, :n] = src.v[layer][:, :, :n]
+    dst.lengths[:] = n
+    return n
+
+
+def flatten_text(messages: list[dict]) -> list[dict]:
+    """For text-only models: list-of-parts content -> one string; media parts are an error."""
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise InputError("each message must be a dict with 'role' and 'content'")
+        c = m["content"]
+        if isinstance(c, list):
+            kinds = {p.get("type") for p in c if isinstance(p, dict)} - {"text"}
+            if kinds:
+                raise InputError(f"this model reads text only; it cannot take {', '.join(sorted(map(str, kinds)))}")
+            c = "".join(p.get("text", "") for p in c)
+        elif not isinstance(c, str):
+            raise InputError("message content must be a string or a list of parts")
+        out.append({**m, "content": c})
+    return out

@@ -1,0 +1,149 @@
+"""The text decoder shared by every family: Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm before RoPE) and the
+Qwen3-MoE sparse layers, with 1-D RoPE or 3-axis MRoPE.
+
+Module and parameter names are the checkpoint's (`model.layers.N.self_attn.q_proj`, `lm_head`, ...), so the
+loader maps almost nothing. Attention is PyTorch SDPA over the explicit `KVCache`; without a cache (training,
+a one-shot forward) it is plain causal attention. Shapes: hidden (B, S, H); q (B, heads, S, D); k/v
+(B, kv_heads, S, D), GQA handled by SDPA's `enable_gqa`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encoders.common import RMSNorm
+
+from .config import TextConfig
+from .kv_cache import KVCache
+from .moe import MLP, SparseMoE
+from .rope import Rotary, apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_bias = cfg.qkv_bias or cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, layer: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.heads, self.head_dim)
+        k = self.k_proj(x).view(B, S, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)
+        if cache is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, enable_gqa=self.kv_heads != self.heads)
+        else:
+            k, v = cache.write(layer, k, v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
+                                               enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(index):
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                                 cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.shared_expert_intermediate_size)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cache, layer, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (`model.*` in a checkpoint)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                deepstack: list[torch.Tensor] | None = None, visual_mask: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        """h: (B, S, H) input embeddings; positions: (B, S) or (3, B, S), default = next cache slots.
+
+        deepstack: per-layer visual features (n_visual, H) added at `visual_mask` (B, S) after layers 0..k-1
+        (Qwen3-Omni DeepStack). Returns the normed hidden states (B, S, H).
+        """
+        B, S, _ = h.shape
+        if positions is None:
+            positions = cache.positions(S) if cache is not None else torch.arange(S, device=h.device).expand(B, S)
+        cos, sin = self.rotary(positions)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        mask = None
+        if cache is not None and not (bool((cache.lengths == 0).all()) or
+                                      (S == 1 and bool((cache.lengths == cache.lengths[0]).all()))):
+            mask = cache.attention_mask(S)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache, i, mask)
+            if deepstack is not None and i < len(deepstack):
+                h = h.index_put((visual_mask,), deepstack[i].to(h.dtype), accumulate=True)
+        if cache is not None:
+            cache.advance(S)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """A text-only causal LM (`Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `Qwen3MoeForCausalLM`)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = TextModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def decoder(self) -> TextModel:
+        return self.model
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, S) -> logits (B, S, vocab)."""
+        return self.lm_head(self.model(self.model.embed_tokens(input_ids), positions, cache))
+
+    # --- the runner interface used by Assistant / generate -------------------------------------------------
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.cfg.num_hidden_layers, batch, max_len, self.cfg.num_key_value_heads,
+                       self.cfg.head_dim, p.dtype, p.device)
+
+    def prefill(self, inputs: dict, cache: KVCache, start: int = 0) -> torch.Tensor:
+        """Run prompt tokens [start:] (the first `start` are already in `cache`); last logits (1, V)."""
+        ids = inputs["input_ids"][:, start:].to(self.lm_head.weight.device)
+        h = self.model(self.model.embed_tokens(ids), None, cache)
+        return self.lm_head(h[:, -1])
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens (B,) -> next logits (B, V)."""
+        h = self.model(self.model.embed_tokens(tokens[:, None].to(self.lm_head.weight.device)), None, cache)
+        return self.lm_head(h[:, -1])
