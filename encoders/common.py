@@ -82,7 +82,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if n > 0:
             by_len.setdefault(n, []).append(s)
     for n, ss in by_len.items():
-        idx = (torch.tensor(ss)[:, None] + torch.arange(n)[None, :]).reshape(-1)
+        idx = (torch.tensor(ss, device=q.device)[:, None] + torch.arange(n, device=q.device)[None, :]).reshape(-1)
         qb, kb, vb = (t[idx].view(len(ss), n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(qb, kb, vb)  # (blocks, heads, n, head_dim)
         out[idx] = o.transpose(1, 2).reshape(len(ss) * n, *q.shape[1:])
