@@ -9,11 +9,22 @@ from .config import TEXT_MODEL_TYPES, TextConfig, read_config_json
 from .decoder import CausalLM
 from .errors import CheckpointError
 from .loader import empty_weights, load_into, read_tensors
+from .omni_config import FULL_TYPES, THINKER_TYPES, ThinkerConfig
+
+# Parts of a full Omni checkpoint that the thinker does not load (speech output loads them separately).
+SPEECH_PREFIXES = ("talker.", "token2wav.", "code2wav.")
 
 
 def rename_text(name: str) -> str | None:
     """Text LMs: checkpoint names are ours."""
     return name
+
+
+def rename_thinker(name: str) -> str | None:
+    """Omni thinkers: full checkpoints prefix everything with `thinker.`; thinker-only ones do not."""
+    if name.startswith(SPEECH_PREFIXES):
+        return None
+    return name.removeprefix("thinker.")
 
 
 def build_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, str]:
@@ -25,4 +36,13 @@ def build_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[t
             net = CausalLM(cfg)
         load_into(net, read_tensors(path), rename_text, dtype, device, source=str(path))
         return net.eval(), mt
-    raise CheckpointError(f"{path}: model_type {mt!r} is not supported (supported: {sorted(TEXT_MODEL_TYPES)})")
+    if mt in FULL_TYPES or mt in THINKER_TYPES:
+        from .thinker import Thinker
+
+        cfg = ThinkerConfig.parse(raw)
+        with empty_weights():
+            net = Thinker(cfg)
+        load_into(net, read_tensors(path), rename_thinker, dtype, device, source=str(path))
+        return net.eval(), cfg.model_type
+    supported = sorted(TEXT_MODEL_TYPES | set(FULL_TYPES) | THINKER_TYPES)
+    raise CheckpointError(f"{path}: model_type {mt!r} is not supported (supported: {supported})")
