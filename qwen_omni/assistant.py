@@ -15,7 +15,7 @@ import torch
 
 from .errors import ContextOverflowError, InputError
 from .generate import generate, make_generator
-from .models import build_model
+from .models import build_model, build_processor
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
@@ -57,15 +57,16 @@ def load(model: str | Path | None = None, *, device: str | None = None, dtype: s
     path = resolve_checkpoint(model if model is not None else DEFAULT_MODEL)
     dev = pick_device(device)
     net, kind = build_model(path, pick_dtype(dtype, dev), dev)
-    return Assistant(net, Tokenizer.from_dir(path), path, kind)
+    return Assistant(net, Tokenizer.from_dir(path), path, kind, build_processor(path, net))
 
 
 class Assistant:
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, path: Path, kind: str):
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, path: Path, kind: str, processor=None):
         self.model, self.tokenizer, self.path, self.kind = model, tokenizer, path, kind
+        self.processor = processor  # media -> tensors for Omni thinkers; None for text-only models
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.context_window = model.cfg.max_position_embeddings if hasattr(model, "cfg") else model.context_window
+        self.context_window = model.cfg.max_position_embeddings
         self.stop_ids = self._stop_ids()
         self.prefix_cache = PrefixCache(capacity=4)
         self.lock = threading.Lock()  # one generation at a time per model (the server batches instead)
@@ -74,8 +75,8 @@ class Assistant:
     def prepare(self, messages: list[dict], add_generation_prompt: bool = True, **options: Any) -> dict:
         """The exact model inputs for `messages`: {"input_ids": (1, n) long, ...processor tensors}."""
         self._need_tokenizer()
-        if hasattr(self.model, "prepare"):
-            return self.model.prepare(self.tokenizer, messages, add_generation_prompt, **options)
+        if self.processor is not None:
+            return self.processor(self.tokenizer, messages, add_generation_prompt, **options)
         text = self.tokenizer.render(flatten_text(messages), add_generation_prompt=add_generation_prompt)
         return {"input_ids": torch.tensor([self.tokenizer.encode(text)], dtype=torch.long)}
 
@@ -96,6 +97,7 @@ class Assistant:
 
         t0 = time.perf_counter()
         inputs = self.prepare(messages, **options)
+        stats["prepare_time"] = time.perf_counter() - t0  # media decoding + features + template
         ids = inputs["input_ids"]
         n = ids.shape[1]
         if n >= self.context_window:
@@ -104,7 +106,8 @@ class Assistant:
                 f"{self.context_window}; shorten the conversation, or send smaller or fewer images/audio/video")
         budget = min(max_new_tokens, self.context_window - n)
         with self.lock:
-            cache, reused, _ = self.prefix_cache.take(ids[0].tolist())
+            key = inputs.get("cache_key") or ids[0].tolist()
+            cache, reused, _ = self.prefix_cache.take(key)
             if cache is None or cache.max_len < n + budget:
                 old, cache = cache, self.model.new_cache(1, n + budget)
                 reused = copy_prefix(old, cache, reused) if old is not None else 0
@@ -131,7 +134,7 @@ class Assistant:
                     yield tail
             finally:
                 # keep the state for the next turn: the prompt plus what was generated and is in the cache
-                held = ids[0].tolist() + out[:-1] if out else ids[0].tolist()
+                held = list(key) + out[:-1]
                 cache.truncate(len(held))
                 self.prefix_cache.put(held, cache)
                 dt = time.perf_counter() - t0

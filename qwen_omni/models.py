@@ -28,6 +28,7 @@ def rename_thinker(name: str) -> str | None:
 
 
 def build_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """Build and load the model of a checkpoint directory: (module in eval mode, model_type)."""
     raw = read_config_json(path)
     mt = raw.get("model_type")
     if mt in TEXT_MODEL_TYPES:
@@ -46,3 +47,12 @@ def build_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[t
         return net.eval(), cfg.model_type
     supported = sorted(TEXT_MODEL_TYPES | set(FULL_TYPES) | THINKER_TYPES)
     raise CheckpointError(f"{path}: model_type {mt!r} is not supported (supported: {supported})")
+
+
+def build_processor(path: Path, model: torch.nn.Module):
+    """The media processor of an Omni thinker (None for text-only models)."""
+    if not isinstance(getattr(model, "cfg", None), ThinkerConfig):
+        return None
+    from .processor import Processor, ProcessorConfig
+
+    return Processor(model.cfg, ProcessorConfig.from_dir(path, model.cfg))

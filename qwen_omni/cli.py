@@ -1,0 +1,103 @@
+"""Command line: `python -m qwen_omni chat [--model PATH_OR_ID] ["question"] [--image F] [--audio F] [--video F]`.
+
+With a question, the answer streams to stdout and the program exits; without one, an interactive multi-turn
+chat opens (`/reset` forgets the conversation, `/quit` or Ctrl-D leaves). Media flags attach files to the
+first turn. Errors a user can cause print one line and exit with status 2; nothing prints a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import QwenOmniError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m qwen_omni", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="chat with a model in the terminal")
+    chat.add_argument("question", nargs="?", help="ask once and exit; omit for an interactive chat")
+    chat.add_argument("--model", default=None, help="model directory or Hub id (default: the embedded model)")
+    chat.add_argument("--device", default=None)
+    chat.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    chat.add_argument("--image", action="append", default=[], help="attach an image (repeatable)")
+    chat.add_argument("--audio", action="append", default=[], help="attach an audio file (repeatable)")
+    chat.add_argument("--video", action="append", default=[], help="attach a video (repeatable)")
+    chat.add_argument("--use-audio-in-video", action="store_true", help="also listen to the videos' sound")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--seed", type=int, default=None)
+    return ap
+
+
+def user_turn(text: str, images=(), audios=(), videos=()) -> dict:
+    parts = [{"type": "image", "image": f} for f in images] + [{"type": "audio", "audio": f} for f in audios]
+    parts += [{"type": "video", "video": f} for f in videos]
+    if not parts:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+def run_chat(args) -> int:
+    from . import load
+
+    assistant = load(args.model, device=args.device, dtype=args.dtype)
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(base)
+    media = dict(images=args.image, audios=args.audio, videos=args.video)
+    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stream=True)
+    if assistant.processor is not None:
+        opts["use_audio_in_video"] = args.use_audio_in_video
+
+    def ask(text: str) -> None:
+        nonlocal media
+        history.append(user_turn(text, **media))
+        media = {}
+        reply = []
+        try:
+            for piece in assistant.chat(history, **opts):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except QwenOmniError as e:
+            history.pop()
+            raise e
+        finally:
+            sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+    if args.question:
+        ask(args.question)
+        return 0
+    print(f"qwen-omni chat with {assistant.path.name} ({assistant.kind}, {assistant.device}, "
+          f"{str(assistant.dtype).removeprefix('torch.')}). /reset forgets, /quit leaves.")
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            return 0
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            history[:] = base
+            continue
+        if text:
+            try:
+                ask(text)
+            except (QwenOmniError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_chat(args)
+    except (QwenOmniError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
