@@ -46,7 +46,7 @@ def voice_pool(split: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
 def _polyphase_bank(up: int, down: int, half: int = 16) -> np.ndarray:
     """Windowed-sinc filter per output phase for the exact rational ratio up/down (e.g. 320/441)."""
     cutoff = 0.9 * min(1.0, up / down) / 2  # cycles per input sample, just below the output Nyquist
-    frac = np.arange(up)[:, None] * down % up / up  # fractional input offset of each output phase
+    frac = np.arange(up)[:, None] / up  # row p: output sample sits p/up of an input sample past its base
     u = np.arange(-half + 1, half + 1)[None, :] - frac
     win = np.cos(np.pi * u / (2 * half)) ** 2  # Hann window over [-half, half]
     bank = 2 * cutoff * np.sinc(2 * cutoff * u) * win
@@ -123,7 +123,8 @@ def beep_params(rng: np.random.Generator, high: bool, long: bool) -> tuple[float
     return float(freq), float(rng.uniform(*(LONG_S if long else SHORT_S)))
 
 
-def beeps(rng: np.random.Generator, count: int, high: bool, long: bool, total_s: float | None = None) -> np.ndarray:
+def beeps(rng: np.random.Generator, count: int, high: bool, long: bool,
+          total_s: float | None = None) -> np.ndarray:
     """`count` identical beeps separated by clear gaps, with background noise.
 
     With `total_s` the clip has exactly that length (a video's soundtrack) and beeps are spread over it."""

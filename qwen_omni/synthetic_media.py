@@ -33,7 +33,10 @@ POSITIONS: tuple[str, ...] = ("top left", "top", "top right", "left", "center", 
 WORDS: tuple[str, ...] = ("cat", "dog", "sun", "box", "map", "cup", "hat", "pen", "bus", "fox",
                           "tree", "fish", "bird", "moon", "book", "door", "ship", "cake", "star", "milk")
 COLOR_JITTER = 12  # per-channel jitter on palette colours; small next to the inter-colour distances
-MIN_CONTRAST = 90.0  # minimum RGB distance between a shape/text colour and the background
+# Colours allowed on each background tone (light 195-235, dark 15-60 grey, +-8 tint): every pair is at
+# least ~70 apart in RGB; white on light and black/brown on dark would be near-invisible.
+ON_TONE: dict[str, tuple[str, ...]] = {"light": tuple(c for c in COLORS if c != "white"),
+                                       "dark": tuple(c for c in COLORS if c not in ("black", "brown"))}
 
 # fonts-dejavu-core files, in a fixed order so the fonts list (and hence samples) is deterministic.
 _DEJAVU_DIR = "/usr/share/fonts/truetype/dejavu"
@@ -114,20 +117,11 @@ def _jitter(rng: np.random.Generator, color: str) -> tuple[int, int, int]:
     return tuple(int(v) for v in np.clip(base, 0, 255))
 
 
-def background(rng: np.random.Generator, w: int, h: int, avoid: list[tuple[int, int, int]]) -> tuple[np.ndarray, str]:
-    """Plain, gradient or lightly noisy background far (in RGB) from every colour in `avoid`.
-
-    Returns (uint8 HxWx3 array, "light" | "dark")."""
+def background(rng: np.random.Generator, w: int, h: int, tone: str) -> np.ndarray:
+    """Plain, gradient or lightly noisy uint8 HxWx3 background of the given tone ("light" | "dark")."""
     kind = ("plain", "gradient", "noise")[rng.choice(3, p=[0.4, 0.35, 0.25])]
-    tone = "light" if rng.random() < 0.5 else "dark"
-    for attempt in range(8):
-        if attempt == 4:  # e.g. white shapes cannot sit on a light background: switch tone
-            tone = "dark" if tone == "light" else "light"
-        lo, hi = (185, 235) if tone == "light" else (20, 70)
-        ends = [rng.integers(lo, hi + 1) + rng.integers(-10, 11, 3) for _ in range(2)]
-        ends = [np.clip(e, 0, 255) for e in ends]
-        if all(np.linalg.norm(e - np.array(c)) >= MIN_CONTRAST for e in ends for c in avoid):
-            break
+    lo, hi = (195, 235) if tone == "light" else (15, 60)
+    ends = [np.clip(rng.integers(lo, hi + 1) + rng.integers(-8, 9, 3), 0, 255) for _ in range(2)]
     c0 = ends[0].astype(np.float32)
     if kind == "gradient":
         if rng.random() < 0.5:  # horizontal
@@ -142,7 +136,7 @@ def background(rng: np.random.Generator, w: int, h: int, avoid: list[tuple[int, 
         tile = _noise_tiles()[rng.integers(4)]
         oy, ox = rng.integers(0, 257 - h), rng.integers(0, 257 - w)
         img = img + tile[oy:oy + h, ox:ox + w] * np.float32(rng.integers(4, 11))
-    return np.clip(img, 0, 255).astype(np.uint8), tone
+    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def _image_size(rng: np.random.Generator) -> tuple[int, int]:
@@ -150,23 +144,28 @@ def _image_size(rng: np.random.Generator) -> tuple[int, int]:
     return w, h
 
 
-def pick_objects(rng: np.random.Generator, n: int, unique: bool = True,
-                 w: int = 128, h: int = 128) -> list[Obj]:
-    """n shapes in distinct grid cells; `unique` makes every shape and every colour distinct so that a
-    question can name an object by its shape or colour."""
+def _tone(rng: np.random.Generator) -> tuple[str, tuple[str, ...]]:
+    tone = "light" if rng.random() < 0.5 else "dark"
+    return tone, ON_TONE[tone]
+
+
+def pick_objects(rng: np.random.Generator, n: int, unique: bool = True, w: int = 128, h: int = 128,
+                 colors: tuple[str, ...] = COLORS) -> list[Obj]:
+    """n shapes in distinct grid cells, coloured from `colors`; `unique` makes every shape and every
+    colour distinct so that a question can name an object by its shape or colour."""
     cells = np.sort(rng.choice(9, size=n, replace=False))
     shapes = rng.choice(len(SHAPES), size=n, replace=not unique)
-    colors = rng.choice(len(COLORS), size=n, replace=not unique)
+    color_idx = rng.choice(len(colors), size=n, replace=not unique)
     cw, ch = w / 3, h / 3
     objs = []
-    for cell, s, c in zip(cells, shapes, colors):
+    for cell, s, c in zip(cells, shapes, color_idx):
         big = n == 1 and cell == 4 and rng.random() < 0.5  # a lone centred shape may be large
-        r = min(cw, ch) * (rng.uniform(0.9, 1.3) if big else rng.uniform(0.22, 0.45))
+        r = min(cw, ch) * (rng.uniform(0.9, 1.3) if big else rng.uniform(0.28, 0.46))
         # Jitter the centre inside its cell but keep the shape within the cell (or image, if big).
         slack = max(0.0, min(cw, ch) / 2 - r) if not big else 0.0
         cx = (cell % 3 + 0.5) * cw + rng.uniform(-slack, slack)
         cy = (cell // 3 + 0.5) * ch + rng.uniform(-slack, slack)
-        objs.append(Obj(SHAPES[s], COLORS[c], int(cell), float(cx), float(cy), float(r), (0, 0, 0)))
+        objs.append(Obj(SHAPES[s], colors[c], int(cell), float(cx), float(cy), float(r), (0, 0, 0)))
     for o in objs:
         o.rgb = _jitter(rng, o.color)
     return objs
@@ -175,8 +174,9 @@ def pick_objects(rng: np.random.Generator, n: int, unique: bool = True,
 def render_shapes(rng: np.random.Generator, n: int, unique: bool = True) -> tuple[Image.Image, list[Obj]]:
     """Image with n (1-4) non-overlapping shapes; objects are returned in reading order."""
     w, h = _image_size(rng)
-    objs = pick_objects(rng, n, unique, w, h)
-    bg, _ = background(rng, w, h, [o.rgb for o in objs])
+    tone, colors = _tone(rng)
+    objs = pick_objects(rng, n, unique, w, h, colors)
+    bg = background(rng, w, h, tone)
     img = Image.fromarray(bg)
     draw = ImageDraw.Draw(img)
     for o in objs:
@@ -187,10 +187,10 @@ def render_shapes(rng: np.random.Generator, n: int, unique: bool = True) -> tupl
 def render_text(rng: np.random.Generator, text: str) -> Image.Image:
     """`text` in a random font, size, colour and place; the text always fits inside the image."""
     w, h = _image_size(rng)
-    names = [c for c in COLORS if c != "gray"]
-    color = names[rng.integers(len(names))]
-    rgb = _jitter(rng, color)
-    bg, _ = background(rng, w, h, [rgb])
+    tone, colors = _tone(rng)
+    colors = tuple(c for c in colors if c != "gray")  # thin strokes need more contrast than shapes
+    rgb = _jitter(rng, colors[rng.integers(len(colors))])
+    bg = background(rng, w, h, tone)
     img = Image.fromarray(bg)
     draw = ImageDraw.Draw(img)
     font_name = FONTS[rng.integers(len(FONTS))]
@@ -217,9 +217,10 @@ def render_video(rng: np.random.Generator, motion: str) -> tuple[np.ndarray, flo
 
     Returns (uint8 frames (T,H,W,3), fps, object at its first frame)."""
     fps = 2.0
-    t = int(rng.integers(4, 9))  # 2..4 s
+    t = int(rng.integers(2, 5)) * 2  # 2, 3 or 4 s; even T suits temporal patches of 2 frames
     w, h = (int(v) for v in rng.integers(0, 3, 2) * 16 + 96)  # 96..128, even for yuv420p
-    color = COLORS[rng.integers(len(COLORS))]
+    tone, colors = _tone(rng)
+    color = colors[rng.integers(len(colors))]
     obj = Obj(SHAPES[rng.integers(len(SHAPES))], color, 4, 0.0, 0.0, 0.0, _jitter(rng, color))
     m = min(w, h)
     if motion in ("growing", "shrinking"):
@@ -244,7 +245,7 @@ def render_video(rng: np.random.Generator, motion: str) -> tuple[np.ndarray, flo
             if motion == "up":
                 cy0, cy1 = cy1, cy0
     obj.cx, obj.cy, obj.r = cx0, cy0, r0
-    bg, _ = background(rng, w, h, [obj.rgb])
+    bg = background(rng, w, h, tone)
     frames = np.empty((t, h, w, 3), np.uint8)
     for i in range(t):
         f = i / (t - 1)
