@@ -80,7 +80,8 @@ def num_mel_frames(num_samples: int, padded_samples: int) -> int:
 
 
 def log_mel(audio: np.ndarray | torch.Tensor, n_mels: int = 128, pad_to_samples: int | None = None, *,
-            truncate: bool = True, pad_to_multiple_of: int | None = None) -> tuple[torch.Tensor, int]:
+            truncate: bool = True, pad_to_multiple_of: int | None = None, return_padded: bool = False
+            ) -> tuple[torch.Tensor, int]:
     """Whisper log-mel features of one mono 16-kHz clip: (features (n_mels, L_valid) float32, L_valid).
 
     * Qwen2.5-Omni: `pad_to_samples=N_SAMPLES_30S` (the processor forces padding="max_length", so a
@@ -92,6 +93,8 @@ def log_mel(audio: np.ndarray | torch.Tensor, n_mels: int = 128, pad_to_samples:
       off): L_valid = n // 160. When the reference batches several clips it pads all to the longest;
       pass that length as `pad_to_samples` to reproduce a batch member exactly.
     `pad_to_multiple_of` rounds the padded length up like the feature extractor's argument.
+    `return_padded=True` returns every frame of the padded clip, (n_mels, padded // 160), as the reference's
+    `input_features` holds them (frames past L_valid are the log-mel of the zero padding, not zeros).
     """
     x = torch.as_tensor(audio).detach().to("cpu", torch.float32).reshape(-1)
     n = int(x.numel())
@@ -116,7 +119,7 @@ def log_mel(audio: np.ndarray | torch.Tensor, n_mels: int = 128, pad_to_samples:
     logm = torch.clamp(mel, min=1e-10).log10()
     logm = torch.maximum(logm, logm.max() - 8.0)
     feats = (logm + 4.0) / 4.0
-    return feats[:, :valid].contiguous(), valid
+    return (feats if return_padded else feats[:, :valid].contiguous()), valid
 
 
 # ------------------------------------------------------------------------------------------ images

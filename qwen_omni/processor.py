@@ -13,8 +13,14 @@ Output names are the reference processor's (`input_ids`, `pixel_values`, `image_
 `feature_attention_mask`) plus `position_ids`, `rope_deltas` and `cache_key` (ids with a content hash at each
 media item, so a reused prefix never swaps one picture for another of the same size).
 
+Audio features are padded as the family's reference pads them, padding frames included (they hold the
+log-mel of the zero padding, not zeros): Qwen2.5-Omni pads every clip to 30 s (`padding="max_length"`, so
+`input_features` is (n, 128, 3000)); Qwen3-Omni pads all clips of a request, a video's sound included, to the
+longest one (`padding=True` over one feature-extractor call).
+
 Deliberate difference: Qwen2.5-Omni's processor truncates audio at 30 s; we encode longer audio whole (its
-encoder attends per 2-s chunk anyway). Clips up to 30 s are featurised exactly as the reference does.
+encoder attends per 2-s chunk anyway), and the other clips' features are then zero-padded to its length
+(masked out). Clips up to 30 s are featurised exactly as the reference does.
 """
 from __future__ import annotations
 
@@ -112,13 +118,19 @@ class Processor:
         return preprocess.image_patches(img, p.patch_size, p.merge_size, p.temporal_patch_size, p.min_pixels,
                                         p.max_pixels, p.image_mean, p.image_std)
 
-    def audio_features(self, wav: np.ndarray) -> tuple[torch.Tensor, int]:
+    def check_audio(self, wav: np.ndarray) -> np.ndarray:
         seconds = len(wav) / 16000
         if seconds > self.budgets.max_audio_seconds:
             raise InputError(f"the audio is {seconds:.0f} s long; the limit is {self.budgets.max_audio_seconds:.0f} s: "
                              f"trim it")
-        pad = max(N_SAMPLES_30S, len(wav)) if self.p.pad_audio_to_30s else None
-        return preprocess.log_mel(wav, self.p.n_mels, pad, truncate=False)
+        return wav
+
+    def audio_features(self, wav: np.ndarray, longest: int = 0) -> tuple[torch.Tensor, int]:
+        """(features (n_mels, padded frames) float32, valid frames) of one clip among clips of at most `longest`
+        samples in the same request: Qwen2.5 pads to 30 s (longer: whole), Qwen3 to the request's longest."""
+        self.check_audio(wav)
+        pad = max(N_SAMPLES_30S, len(wav)) if self.p.pad_audio_to_30s else max(len(wav), longest)
+        return preprocess.log_mel(wav, self.p.n_mels, pad, truncate=False, return_padded=True)
 
     def video(self, src, use_audio: bool):
         p = self.p
@@ -169,7 +181,7 @@ class Processor:
                 if kind == "image":
                     images.append(self.image(src))
                 elif kind == "audio":
-                    audios.append(self.audio_features(media.load_audio(src)))
+                    audios.append(self.check_audio(media.load_audio(src)))  # features in build: padding
                 else:
                     videos.append(self.video(src, with_audio))
                 hashes[kind].append(content_hash(src))
@@ -181,8 +193,11 @@ class Processor:
         return self.build(ids, images, videos, audios, hashes)
 
     def build(self, ids: list[int], images, videos, audios, hashes) -> dict[str, Any]:
+        """`audios`: waveforms (16-kHz float32) of the audio parts; a video's sound rides in `videos`."""
         c, merge2 = self.cfg, self.p.merge_size ** 2
         out: dict[str, Any] = {}
+        # Qwen3 pads every clip to the request's longest, so its length is needed before any clip is featurised.
+        longest = max([len(w) for w in audios] + [len(v[3]) for v in videos if v[3] is not None], default=0)
         # Audio of a video joins the audio features, in prompt order: a video's sound comes where its
         # placeholder is, relative to plain audio parts.
         audio_feats: list[tuple[torch.Tensor, int]] = []
@@ -201,8 +216,9 @@ class Processor:
                 key += [("image", hashes["image"][i])] + [t] * (n - 1)
             elif t == c.audio_token_id:
                 i = _next(it_aud, "audio")
-                n = self._audio_tokens(audios[i][1])
-                audio_feats.append(audios[i])
+                feats = self.audio_features(audios[i], longest)
+                n = self._audio_tokens(feats[1])
+                audio_feats.append(feats)
                 audio_counts.append(n)
                 expanded += [t] * n
                 key += [("audio", hashes["audio"][i])] + [t] * (n - 1)
@@ -213,7 +229,7 @@ class Processor:
                 if wav is None:
                     seq = [t] * (per_frame * int(grid[0, 0]))
                 else:
-                    feats = self.audio_features(wav)
+                    feats = self.audio_features(wav, longest)
                     n = self._audio_tokens(feats[1])
                     audio_feats.append(feats)
                     audio_counts.append(n)
@@ -242,11 +258,11 @@ class Processor:
             out["video_grid_thw"] = torch.cat([v[1] for v in videos])
             out["video_second_per_grid"] = torch.tensor([v[2] for v in videos], dtype=torch.float32)
         if audio_feats:
-            longest = max(f.shape[1] for f, _ in audio_feats)
-            feats = torch.zeros(len(audio_feats), self.p.n_mels, longest)
-            mask = torch.zeros(len(audio_feats), longest, dtype=torch.long)
+            frames = max(f.shape[1] for f, _ in audio_feats)
+            feats = torch.zeros(len(audio_feats), self.p.n_mels, frames)
+            mask = torch.zeros(len(audio_feats), frames, dtype=torch.int32)  # the reference's dtype
             for j, (f, n) in enumerate(audio_feats):
-                feats[j, :, :n] = f
+                feats[j, :, :f.shape[1]] = f
                 mask[j, :n] = 1
             out["input_features"], out["feature_attention_mask"] = feats, mask
         pos, deltas = rope_index(input_ids, self.spec, out.get("image_grid_thw"), out.get("video_grid_thw"),
