@@ -1,0 +1,129 @@
+"""Qwen-Omni web chat: `python app.py [--model PATH] [--device cuda] [--port 7860] ...` (see --help).
+
+Thin by design: this file only lays out Gradio widgets and wires events; settings, upload checks, history
+conversion, streaming and error wording live in `qwen_omni/chat_session.py` (which never imports gradio).
+
+Events: submit and regenerate are generator callbacks, so tokens stream into the chat as they are produced;
+Stop cancels them (Gradio closes the generator, which closes the library stream and frees the model at once).
+Undo and Clear skip the queue so they answer even while other tabs wait for a reply. Every flag can also be
+given as an environment variable (QWEN_OMNI_MODEL, ..., GRADIO_SERVER_NAME/GRADIO_SERVER_PORT) for Spaces.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import gradio as gr
+
+from qwen_omni import QwenOmniError
+from qwen_omni import chat_session as cs
+
+CSS = "#qo-actions button {min-width: fit-content !important}  /* no clipped labels on a phone */"
+
+
+def build_demo(assistant, settings: cs.Settings) -> gr.Blocks:
+    session = cs.ChatSession(assistant, max_new_tokens=settings.max_new_tokens)
+
+    def stream(steps):
+        """Each (history, warning) step as (history, is_first_step), raising the warning as a toast."""
+        for i, (history, warning) in enumerate(steps):
+            if warning:
+                gr.Warning(warning)
+            yield history, i == 0
+
+    @cs.on_gpu
+    def submit(message, cam_image, cam_video, history, system, temperature, top_p, top_k, max_new, seed, av):
+        sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, av)
+        extra = [f for f in (cam_image, cam_video) if f]
+        for history, first in stream(session.submit(message, history, system, sampling, extra)):
+            # the input box and camera are emptied once, so typing during the stream is not wiped
+            yield (history, *((gr.MultimodalTextbox(value=None), None, None) if first else (gr.skip(),) * 3))
+
+    @cs.on_gpu
+    def regenerate(history, system, temperature, top_p, top_k, max_new, seed, av):
+        sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, av)
+        yield from (h for h, _ in stream(session.regenerate(history, system, sampling)))
+
+    def undo(history):
+        history, message = cs.undo(history)
+        return history, (message if message is not None else gr.skip())
+
+    with gr.Blocks(title="Qwen-Omni", fill_height=True) as demo:
+        gr.Markdown("### Qwen-Omni · ask about images, recordings and videos")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=320):
+                chatbot = gr.Chatbot(
+                    elem_id="qo-chat", label="Chat", height="58vh", buttons=["copy"],
+                    placeholder="Attach an image, audio clip or video (paperclip or microphone) and ask about it, "
+                                "or just type.")
+                textbox = gr.MultimodalTextbox(
+                    elem_id="qo-input", sources=["upload", "microphone"], file_types=["image", "audio", "video"],
+                    file_count="multiple", placeholder="Ask something…", label="Message", show_label=False,
+                    autofocus=True)
+                with gr.Row(elem_id="qo-actions"):
+                    # min_width=0 keeps the four on one line on a phone instead of stacking them
+                    regen_btn = gr.Button("Regenerate", size="sm", min_width=0)
+                    undo_btn = gr.Button("Undo", size="sm", min_width=0)
+                    stop_btn = gr.Button("Stop", size="sm", variant="stop", min_width=0)
+                    clear_btn = gr.Button("Clear", size="sm", min_width=0)
+                with gr.Accordion("Camera", open=False):
+                    gr.Markdown("A photo or clip taken here is attached to your next message.")
+                    with gr.Row():
+                        cam_image = gr.Image(sources=["webcam"], type="filepath", label="Photo")
+                        cam_video = gr.Video(sources=["webcam"], label="Clip")
+                examples = cs.find_examples()
+                if examples:
+                    gr.Examples([[e] for e in examples], inputs=[textbox], label="Examples")
+            with gr.Column(scale=1, min_width=260):
+                system = gr.Textbox(label="System prompt", placeholder="(optional)", lines=3)
+                with gr.Accordion("Sampling", open=True):
+                    temperature = gr.Slider(0.0, 2.0, value=0.6, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
+                    top_k = gr.Slider(0, 100, value=20, step=1, label="Top-k (0 = off)")
+                    max_new = gr.Slider(1, settings.max_new_tokens, value=min(512, settings.max_new_tokens),
+                                        step=1, label="Max new tokens")
+                    seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+                av = gr.Checkbox(value=True, label="Use the audio track of videos")
+                with gr.Accordion("Model card", open=False):
+                    gr.Markdown(cs.model_card(assistant))
+
+        knobs = [system, temperature, top_p, top_k, max_new, seed, av]
+        submit_evt = textbox.submit(submit, [textbox, cam_image, cam_video, chatbot, *knobs],
+                                    [chatbot, textbox, cam_image, cam_video], api_name="chat", show_progress="hidden")
+        regen_evt = regen_btn.click(regenerate, [chatbot, *knobs], [chatbot], api_name="regenerate",
+                                    show_progress="hidden")
+        running = [submit_evt, regen_evt]
+        stop_btn.click(None, cancels=running, queue=False, api_name=False)
+        undo_btn.click(undo, [chatbot], [chatbot, textbox], cancels=running, queue=False, api_name="undo")
+        clear_btn.click(lambda: ([], None), None, [chatbot, textbox], cancels=running, queue=False,
+                        api_name="clear")
+        chatbot.clear(None, cancels=running, queue=False, api_name=False)  # the chat's own trash icon
+    return demo
+
+
+def main(argv: list[str] | None = None, *, block: bool = True) -> gr.Blocks:
+    settings = cs.parse_settings(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks would flood the log
+    print(f"qwen-omni: loading {settings.model or 'the embedded default model'} ...", flush=True)
+    try:
+        assistant = cs.load_assistant(settings)
+    except QwenOmniError as e:
+        sys.exit(f"qwen-omni: cannot start: {e}")
+    demo = build_demo(assistant, settings)
+    demo.queue(**cs.queue_options(settings))
+    try:
+        demo.launch(**cs.launch_options(settings), prevent_thread_lock=True, theme=gr.themes.Soft(), css=CSS)
+    except OSError as e:  # most often: the port is taken
+        sys.exit(f"qwen-omni: cannot serve on {settings.host}:{settings.port}: {e}")
+    dtype = str(assistant.dtype).replace("torch.", "")
+    print(f"qwen-omni: {assistant.path.name} ({assistant.kind}) on {assistant.device}, {dtype}; "
+          f"serving at http://{settings.host}:{demo.server_port}"
+          + (f" and {demo.share_url}" if demo.share_url else ""), flush=True)
+    if block:
+        demo.block_thread()
+    return demo
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""Everything the web app does that is not drawing widgets: settings, uploads, history <-> messages, streaming.
+
+Design
+- `app.py` is a thin Gradio layer; this module holds the logic so it can be tested without a browser and so the
+  library never imports gradio. Values crossing the boundary are plain dicts/lists in Gradio's "messages" shape.
+- Settings come from flags, then `QWEN_OMNI_*` environment variables, then Gradio's own `GRADIO_SERVER_NAME` /
+  `GRADIO_SERVER_PORT` (what Hugging Face Spaces sets), then defaults (`parse_settings`).
+- The browser's chat history is the source of truth: every turn re-sends the whole conversation. The library's
+  `PrefixCache` notices the shared prefix and prefills only the new tokens, so there is no caching here.
+- History entries the model must not see are recognisable from their shape alone (no side state, so
+  Undo/Regenerate/reloads cannot desynchronise it): error bubbles carry `metadata.title == ERROR_TITLE`, and
+  the small stats footer under each reply is a trailing `<sub title="reply stats">…</sub>` line. A user turn
+  whose answer ended in an error is dropped from the model's context too, otherwise one corrupt upload would
+  break every later turn.
+- Errors a user can cause (`QwenOmniError`, `ValueError` incl. `encoders.media.MediaError`) are shown verbatim;
+  anything else is logged here with its traceback and the user sees a generic line (no trace reaches the page).
+
+Examples: `assets/examples/examples.json` is a list of `{"file": "<name in assets/examples>" | null,
+"text": "<question>"}` (or `"files": [...]` for several). Entries whose files are missing are skipped; media files
+in the folder that no entry mentions get a generic question for their kind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import mimetypes
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import CheckpointError, InputError, QwenOmniError
+
+log = logging.getLogger("qwen_omni.app")
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = ROOT / "assets" / "examples"
+ERROR_TITLE = "⚠ Error"  # U+26A0 without the emoji selector: common text fonts have it
+GENERIC_ERROR = "Something went wrong on the server while answering (it has been logged). Please try again."
+MB = 1 << 20
+# Per-kind upload caps: far above what the processors keep (they resample/subsample), low enough that one
+# request cannot make the server decode gigabytes.
+MAX_BYTES = {"image": 20 * MB, "audio": 50 * MB, "video": 200 * MB}
+MAX_FILES = 8
+EXTENSIONS = {
+    "image": {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"},
+    "audio": {".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".weba"},
+    "video": {".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".mpeg", ".mpg"},
+}
+DEFAULT_QUESTIONS = {"image": "Describe this image.", "audio": "What do you hear in this recording?",
+                     "video": "What happens in this video?"}
+STATS_TAG = '<sub title="reply stats">'
+_STATS_FOOTER = re.compile(r"\s*" + re.escape(STATS_TAG) + r"[^<]*</sub>\s*$")
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None
+    device: str | None
+    dtype: str | None
+    host: str
+    port: int
+    share: bool
+    inbrowser: bool
+    max_new_tokens: int
+    concurrency: int
+    queue_size: int
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+
+    def pick(*names: str, default: str | None = None) -> str | None:
+        return next((env[n] for n in names if env.get(n)), default)
+
+    p = argparse.ArgumentParser(prog="app.py", description="Qwen-Omni web chat (Gradio).")
+    # String defaults go through `type`, so a bad environment value is reported like a bad flag.
+    p.add_argument("--model", default=pick("QWEN_OMNI_MODEL"),
+                   help="checkpoint directory or Hub id (default: the embedded model in assets/tiny-omni)")
+    p.add_argument("--device", default=pick("QWEN_OMNI_DEVICE"), help="cpu, cuda, cuda:1, mps (default: best)")
+    p.add_argument("--dtype", default=pick("QWEN_OMNI_DTYPE"), choices=[None, "float32", "bfloat16", "float16"])
+    p.add_argument("--host", default=pick("QWEN_OMNI_HOST", "GRADIO_SERVER_NAME", default="127.0.0.1"))
+    p.add_argument("--port", type=int, default=pick("QWEN_OMNI_PORT", "GRADIO_SERVER_PORT", default="7860"))
+    p.add_argument("--share", action="store_true", default=_flag(pick("QWEN_OMNI_SHARE")),
+                   help="also serve on a public gradio.live link")
+    p.add_argument("--inbrowser", action="store_true", default=_flag(pick("QWEN_OMNI_INBROWSER")))
+    p.add_argument("--max-new-tokens", type=int, default=pick("QWEN_OMNI_MAX_NEW_TOKENS", default="1024"),
+                   help="upper end of the max-new-tokens slider")
+    p.add_argument("--concurrency", type=int, default=pick("QWEN_OMNI_CONCURRENCY", default="1"),
+                   help="replies generated at once; others wait in the queue and see their position")
+    p.add_argument("--queue-size", type=int, default=pick("QWEN_OMNI_QUEUE_SIZE", default="64"))
+    a = p.parse_args(argv)
+    for name in ("max_new_tokens", "concurrency", "queue_size"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return Settings(a.model, a.device, a.dtype, a.host, a.port, a.share, a.inbrowser, a.max_new_tokens,
+                    a.concurrency, a.queue_size)
+
+
+def load_assistant(settings: Settings):
+    """`qwen_omni.load` with a clearer message when the embedded default model is not there."""
+    from .assistant import DEFAULT_MODEL, load
+
+    if settings.model is None and not DEFAULT_MODEL.is_dir():
+        raise CheckpointError(
+            f"the default model ({DEFAULT_MODEL.relative_to(ROOT)}) is not in this checkout; pass --model PATH "
+            f"(a checkpoint directory or a Hub id such as Qwen/Qwen2.5-Omni-3B) or set QWEN_OMNI_MODEL")
+    return load(settings.model, device=settings.device, dtype=settings.dtype)
+
+
+def queue_options(settings: Settings) -> dict:
+    return {"default_concurrency_limit": settings.concurrency, "max_size": settings.queue_size}
+
+
+def launch_options(settings: Settings) -> dict:
+    return {"server_name": settings.host, "server_port": settings.port, "share": settings.share,
+            "inbrowser": settings.inbrowser, "show_error": False, "max_file_size": max(MAX_BYTES.values()),
+            "allowed_paths": [str(EXAMPLES_DIR)], "ssr_mode": False, "quiet": True}
+
+
+def on_gpu(fn: Callable) -> Callable:
+    """`spaces.GPU` on Hugging Face ZeroGPU Spaces; the function itself everywhere else."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
+# ------------------------------------------------------------------------------------------------ model card
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
+
+
+def model_card(assistant) -> str:
+    total, active = assistant.num_parameters, assistant.num_active_parameters
+    arch = "MoE" if active < total or "moe" in assistant.kind.lower() else "dense"
+    dtype = str(assistant.dtype).replace("torch.", "")
+    rows = [("Name", assistant.path.name), ("Family", assistant.kind), ("Architecture", arch),
+            ("Parameters", f"{human_count(total)} total, {human_count(active)} active per token"),
+            ("Context window", f"{assistant.context_window:,} tokens"), ("Device", str(assistant.device)),
+            ("dtype", dtype)]
+    return "\n".join(f"- **{k}:** {v}" for k, v in rows)
+
+
+def stats_line(stats: dict) -> str:
+    """One small line under a reply; absent numbers are left out rather than shown as zero."""
+    parts = []
+    if stats.get("time_to_first_token") is not None:
+        parts.append(f"first token {stats['time_to_first_token']:.2f} s")
+    if stats.get("tokens_per_second") is not None:
+        parts.append(f"{stats['tokens_per_second']:.1f} tokens/s")
+    if "prompt_tokens" in stats:
+        reused = f" ({stats.get('reused_tokens', 0)} reused)" if stats.get("reused_tokens") else ""
+        parts.append(f"{stats['prompt_tokens']} in{reused} → {stats.get('completion_tokens', 0)} out")
+    if stats.get("encode_time") is not None:
+        parts.append(f"media encode {stats['encode_time']:.2f} s")
+    return STATS_TAG + " · ".join(parts) + "</sub>"
+
+
+# ------------------------------------------------------------------------------------------------ uploads
+
+def media_kind(path: str, mime: str | None = None) -> str | None:
+    """'image' / 'audio' / 'video' from the MIME type Gradio reports, else from the file name."""
+    mime = mime or mimetypes.guess_type(path)[0] or ""
+    if mime.split("/")[0] in MAX_BYTES:
+        return mime.split("/")[0]
+    ext = Path(path).suffix.lower()
+    return next((k for k, exts in EXTENSIONS.items() if ext in exts), None)
+
+
+def validate_upload(path: str, mime: str | None = None) -> str:
+    """The upload's kind; `InputError` (shown to the user) when its type, size or presence is wrong."""
+    name = Path(path).name
+    kind = media_kind(path, mime)
+    if kind is None:
+        raise InputError(f"'{name}' is not an image, audio or video file; those are what this assistant reads")
+    try:
+        size = Path(path).stat().st_size
+    except OSError:
+        raise InputError(f"the upload '{name}' did not reach the server; please attach it again") from None
+    if size == 0:
+        raise InputError(f"'{name}' is empty (0 bytes)")
+    if size > MAX_BYTES[kind]:
+        raise InputError(f"'{name}' is {size / MB:.0f} MB; {kind} uploads are limited to {MAX_BYTES[kind] // MB} MB")
+    return kind
+
+
+def find_examples(folder: Path | None = None) -> list[dict]:
+    """MultimodalTextbox values ({"text", "files"}) for the examples that exist on disk."""
+    folder = folder or EXAMPLES_DIR
+    if not folder.is_dir():
+        return []
+    entries: list[dict] = []
+    spec = folder / "examples.json"
+    if spec.is_file():
+        try:
+            entries = json.loads(spec.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("ignoring %s: %s", spec, e)
+    out, used = [], set()
+    for entry in entries if isinstance(entries, list) else []:
+        names = entry.get("files") or ([entry["file"]] if entry.get("file") else [])
+        if all((folder / n).is_file() for n in names) and (names or entry.get("text")):
+            out.append({"text": entry.get("text", ""), "files": [str(folder / n) for n in names]})
+            used.update(names)
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name not in used and (kind := media_kind(str(f))):
+            out.append({"text": DEFAULT_QUESTIONS[kind], "files": [str(f)]})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ history
+
+def _parts(content: Any) -> list[tuple[str, str, str | None]]:
+    """A Gradio message's content as [("text", text, None) | ("file", path, mime)], whatever shape it came in."""
+    items = content if isinstance(content, list) else [content]
+    out = []
+    for c in items:
+        if isinstance(c, str):
+            out.append(("text", c, None))
+        elif isinstance(c, dict) and c.get("type") == "text":
+            out.append(("text", c.get("text", ""), None))
+        elif isinstance(c, dict) and isinstance(c.get("file"), dict):
+            out.append(("file", c["file"]["path"], c["file"].get("mime_type")))
+        elif isinstance(c, dict) and "path" in c:
+            out.append(("file", c["path"], c.get("mime_type")))
+    return out
+
+
+def is_error(msg: dict) -> bool:
+    return (msg.get("metadata") or {}).get("title") == ERROR_TITLE
+
+
+def _turns(history: list[dict]) -> list[tuple[list[dict], list[dict]]]:
+    """[(user messages, assistant messages)] with consecutive same-role messages grouped."""
+    turns: list[tuple[list[dict], list[dict]]] = []
+    for m in history:
+        if m.get("role") == "user":
+            if not turns or turns[-1][1]:
+                turns.append(([], []))
+            turns[-1][0].append(m)
+        elif m.get("role") == "assistant" and turns:
+            turns[-1][1].append(m)
+    return turns
+
+
+def history_to_messages(history: list[dict], system_prompt: str = "") -> list[dict]:
+    """Gradio chat history -> library messages (media first, then text, in each user turn)."""
+    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt.strip()}]}] \
+        if system_prompt and system_prompt.strip() else []
+    for users, replies in _turns(history):
+        if any(is_error(r) for r in replies):
+            continue
+        media, texts = [], []
+        for m in users:
+            for kind, value, mime in _parts(m["content"]):
+                if kind == "text":
+                    texts.append(value)
+                else:
+                    k = media_kind(value, mime) or "file"
+                    media.append({"type": k, k: value})
+        text = "\n".join(t for t in texts if t)
+        messages.append({"role": "user", "content": media + ([{"type": "text", "text": text}] if text else [])})
+        reply = "".join(v for r in replies if not (r.get("metadata") or {}).get("title")
+                        for kind, v, _ in _parts(r["content"]) if kind == "text")
+        reply = _STATS_FOOTER.sub("", reply)
+        if reply:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
+    return messages
+
+
+def user_message(text: str, files: list[str]) -> dict:
+    return {"role": "user", "content": [{"path": f} for f in files] + ([text] if text else [])}
+
+
+def error_message(text: str) -> dict:
+    return {"role": "assistant", "content": text, "metadata": {"title": ERROR_TITLE}}
+
+
+def split_last_turn(history: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(history before the last user turn, that turn's user messages); ([], []) shapes when there is none."""
+    last = max((i for i, m in enumerate(history) if m.get("role") == "user"), default=None)
+    if last is None:
+        return list(history), []
+    first = last
+    while first > 0 and history[first - 1].get("role") == "user":
+        first -= 1
+    return list(history[:first]), list(history[first:last + 1])
+
+
+def undo(history: list[dict]) -> tuple[list[dict], dict | None]:
+    """Drop the last user turn and its reply; give back its text and files to put in the input box."""
+    before, turn = split_last_turn(history)
+    if not turn:
+        return list(history), None
+    parts = [p for m in turn for p in _parts(m["content"])]
+    return before, {"text": "\n".join(v for k, v, _ in parts if k == "text"),
+                    "files": [v for k, v, _ in parts if k == "file"]}
+
+
+# ------------------------------------------------------------------------------------------------ replying
+
+@dataclass
+class Sampling:
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    max_new_tokens: int = 512
+    seed: int | None = None
+    use_audio_in_video: bool = True
+
+
+class ChatSession:
+    """Streams replies into a Gradio history; yields (history, warning or None) after every change."""
+
+    def __init__(self, assistant, max_new_tokens: int = 1024):
+        self.assistant, self.max_new_tokens = assistant, max_new_tokens
+
+    def submit(self, message: dict | None, history: list[dict], system_prompt: str, sampling: Sampling,
+               extra_files: list[str] = ()) -> Iterator[tuple[list[dict], str | None]]:
+        message = message or {}
+        text = (message.get("text") or "").strip()
+        files = [f for f in list(message.get("files") or []) + list(extra_files) if f]
+        files = [f.get("path") if isinstance(f, dict) else f for f in files]
+        history = list(history or [])
+        if not text and not files:
+            yield history, "Type a question or attach an image, audio or video first."
+            return
+        history.append(user_message(text, files))
+        try:
+            if len(files) > MAX_FILES:
+                raise InputError(f"{len(files)} files attached; send at most {MAX_FILES} per message")
+            for f in files:
+                validate_upload(f)
+        except InputError as e:
+            yield [*history, error_message(str(e))], str(e)
+            return
+        yield from self.reply(history, system_prompt, sampling)
+
+    def regenerate(self, history: list[dict], system_prompt: str, sampling: Sampling
+                   ) -> Iterator[tuple[list[dict], str | None]]:
+        before, turn = split_last_turn(history or [])
+        if not turn:
+            yield list(history or []), "There is no question to answer again yet."
+            return
+        yield from self.reply(before + turn, system_prompt, sampling)
+
+    def reply(self, history: list[dict], system_prompt: str, sampling: Sampling
+              ) -> Iterator[tuple[list[dict], str | None]]:
+        """Stream the assistant's answer to the conversation in `history` (which ends with a user turn)."""
+        stats: dict = {}
+        text, answer = "", None
+        yield history, None  # show the user's turn (and the pending indicator) before the first token
+        stream = None
+        try:
+            messages = history_to_messages(history, system_prompt)
+            seed = None if sampling.seed is None or sampling.seed < 0 else int(sampling.seed)
+            stream = self.assistant.chat(
+                messages, max_new_tokens=max(1, min(int(sampling.max_new_tokens), self.max_new_tokens)),
+                temperature=float(sampling.temperature), top_p=float(sampling.top_p), top_k=int(sampling.top_k),
+                seed=seed, stream=True, stats=stats, use_audio_in_video=bool(sampling.use_audio_in_video))
+            for piece in stream:
+                text += piece
+                answer = {"role": "assistant", "content": text}
+                yield [*history, answer], None
+            answer = {"role": "assistant", "content": f"{text}\n\n{stats_line(stats)}"}
+            yield [*history, answer], None
+        except (QwenOmniError, ValueError) as e:
+            yield [*history, *([answer] if answer else []), error_message(str(e))], str(e)
+        except Exception:  # noqa: BLE001 - a bug: keep the trace in the server log, not in the browser
+            log.exception("reply failed")
+            yield [*history, *([answer] if answer else []), error_message(GENERIC_ERROR)], GENERIC_ERROR
+        finally:
+            # Stop closes this generator; close the library's stream too so its lock and KV state are released
+            # now rather than whenever the garbage collector gets to it.
+            if stream is not None:
+                stream.close()

@@ -1,0 +1,294 @@
+"""The Gradio app: chat_session logic without a server, then the real app over HTTP and in a headless browser.
+
+One server per module (tiny random qwen3 checkpoint, launched through `app.main` on a free port). Decoding is
+slowed to ~30 ms/token and stop tokens are disabled so streams are long enough to observe and to Stop mid-way;
+normal turns ask for few tokens to keep the whole file well under a minute.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from qwen_omni import chat_session as cs  # noqa: E402
+from tests.tiny_text import make_checkpoint  # noqa: E402
+from tests.tiny_tokenizer import save_tokenizer  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TOKEN_DELAY = 0.03
+MAX_NEW = 64
+
+
+# ------------------------------------------------------------------------------------------ pure logic
+
+def test_settings_flags_env_and_gradio_env():
+    s = cs.parse_settings([], {})
+    assert (s.model, s.host, s.port, s.concurrency, s.share) == (None, "127.0.0.1", 7860, 1, False)
+    env = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7000", "QWEN_OMNI_MODEL": "m",
+           "QWEN_OMNI_SHARE": "true", "QWEN_OMNI_MAX_NEW_TOKENS": "99", "QWEN_OMNI_CONCURRENCY": "3"}
+    s = cs.parse_settings([], env)
+    assert (s.model, s.host, s.port, s.share, s.max_new_tokens, s.concurrency) == ("m", "0.0.0.0", 7000, True, 99, 3)
+    s = cs.parse_settings(["--port", "8000", "--model", "x"], {**env, "QWEN_OMNI_PORT": "7100"})
+    assert (s.port, s.model) == (8000, "x")
+    assert cs.parse_settings([], {**env, "QWEN_OMNI_PORT": "7100"}).port == 7100
+    with pytest.raises(SystemExit):
+        cs.parse_settings([], {"QWEN_OMNI_PORT": "abc"})
+    assert cs.queue_options(s) == {"default_concurrency_limit": 3, "max_size": 64}
+    assert cs.launch_options(s)["show_error"] is False
+
+
+def test_missing_default_model_is_explained(monkeypatch, tmp_path, capsys):
+    import app
+    import qwen_omni.assistant as assistant_mod
+
+    monkeypatch.setattr(assistant_mod, "DEFAULT_MODEL", tmp_path / "tiny-omni")
+    monkeypatch.setattr(cs, "ROOT", tmp_path)
+    with pytest.raises(SystemExit) as e:
+        app.main([])
+    assert "--model" in str(e.value) and "tiny-omni" in str(e.value)
+
+
+def test_history_to_messages():
+    hist = [
+        {"role": "user", "content": [{"type": "file", "file": {"path": "/x/a.png", "mime_type": "image/png"}},
+                                     {"type": "text", "text": "what is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat.\n\n" + cs.stats_line(
+            {"prompt_tokens": 5, "completion_tokens": 2, "time_to_first_token": 0.1})}]},
+        {"role": "user", "content": [{"path": "/x/broken.wav"}, "and this?"]},
+        cs.error_message("could not decode"),
+        {"role": "user", "content": "the clip"}, {"role": "user", "content": {"path": "/x/v.mp4"}},
+    ]
+    msgs = cs.history_to_messages(hist, system_prompt="  Be brief. ")
+    assert msgs[0] == {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    assert msgs[1]["content"] == [{"type": "image", "image": "/x/a.png"}, {"type": "text", "text": "what is this?"}]
+    assert msgs[2] == {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}
+    # the failed turn is gone; consecutive user messages merge with media first
+    assert msgs[3] == {"role": "user", "content": [{"type": "video", "video": "/x/v.mp4"},
+                                                   {"type": "text", "text": "the clip"}]}
+    assert len(msgs) == 4 and cs.history_to_messages([]) == []
+
+
+def test_undo_and_split():
+    hist = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": [{"path": "/x/a.png"}, "look"]}, {"role": "assistant", "content": "ok"}]
+    before, msg = cs.undo(hist)
+    assert before == hist[:2] and msg == {"text": "look", "files": ["/x/a.png"]}
+    assert cs.undo([]) == ([], None)
+
+
+def test_validate_upload(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "e.wav").write_bytes(b"")
+    (tmp_path / "n.txt").write_text("hello")
+    assert cs.validate_upload(str(tmp_path / "a.png")) == "image"
+    assert cs.media_kind("clip.webm", None) == "video" and cs.media_kind("rec", "audio/wav") == "audio"
+    for name, words in (("e.wav", "empty"), ("n.txt", "not an image"), ("gone.mp4", "again")):
+        with pytest.raises(cs.InputError, match=words):
+            cs.validate_upload(str(tmp_path / name))
+
+
+def test_find_examples(tmp_path):
+    assert cs.find_examples(tmp_path / "none") == []
+    (tmp_path / "red.png").write_bytes(b"x")
+    (tmp_path / "talk.wav").write_bytes(b"x")
+    (tmp_path / "examples.json").write_text(
+        '[{"file": "red.png", "text": "what colour?"}, {"file": "missing.mp4", "text": "no"}, {"text": "hi"}]')
+    ex = cs.find_examples(tmp_path)
+    assert ex == [{"text": "what colour?", "files": [str(tmp_path / "red.png")]}, {"text": "hi", "files": []},
+                  {"text": cs.DEFAULT_QUESTIONS["audio"], "files": [str(tmp_path / "talk.wav")]}]
+
+
+class FakeAssistant:
+    path, kind, device, dtype = Path("/m/Qwen3-30B-A3B"), "qwen3_moe", "cuda:0", "torch.bfloat16"
+    context_window = 32768
+    num_parameters, num_active_parameters = 30_500_000_000, 3_300_000_000
+
+
+def test_examples_appear_in_the_page(monkeypatch, tmp_path):
+    import gradio as gr
+    from PIL import Image
+
+    import app
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red_circle.png")
+    (tmp_path / "examples.json").write_text('[{"file": "red_circle.png", "text": "what colour is the shape?"}]')
+    monkeypatch.setattr(cs, "EXAMPLES_DIR", tmp_path)
+    demo = app.build_demo(FakeAssistant(), cs.parse_settings([], {}))
+    sets = [b for b in demo.blocks.values() if isinstance(b, gr.Dataset)]
+    assert len(sets) == 1 and sets[0].samples[0][0]["text"] == "what colour is the shape?"
+
+
+def test_model_card_and_stats_line():
+    card = cs.model_card(FakeAssistant())
+    for words in ("Qwen3-30B-A3B", "qwen3_moe", "MoE", "30.50 B total, 3.30 B active", "32,768", "cuda:0", "bfloat16"):
+        assert words in card
+    line = cs.stats_line({"prompt_tokens": 40, "reused_tokens": 30, "completion_tokens": 9, "time_to_first_token": 0.25,
+                          "tokens_per_second": 12.34, "encode_time": 0.5})
+    assert "first token 0.25 s · 12.3 tokens/s · 40 in (30 reused) → 9 out · media encode 0.50 s" in line
+
+
+def test_unexpected_error_is_generic_and_logged(caplog):
+    class Broken:
+        def chat(self, *a, **k):
+            raise RuntimeError("secret internals")
+
+    steps = list(cs.ChatSession(Broken()).submit({"text": "hi"}, [], "", cs.Sampling()))
+    history, warning = steps[-1]
+    assert warning == cs.GENERIC_ERROR and cs.is_error(history[-1]) and "secret" not in str(history)
+    assert "secret internals" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ live server
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import app
+
+    ckpt = tmp_path_factory.mktemp("tiny-chat")
+    make_checkpoint(ckpt, kind="qwen3")
+    save_tokenizer(ckpt)
+    calls = []
+    load = cs.load_assistant
+
+    def slow_load(settings):
+        a = load(settings)
+        a.stop_ids = []  # always use the whole token budget, so streams have a known length
+        step = a.model.decode_step
+
+        def decode_step(tok, cache):
+            calls.append(time.monotonic())
+            time.sleep(TOKEN_DELAY)  # a realistic pace, so streaming and Stop can be observed
+            return step(tok, cache)
+
+        a.model.decode_step = decode_step
+        return a
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cs, "load_assistant", slow_load)
+        demo = app.main(["--model", str(ckpt), "--port", str(port), "--max-new-tokens", str(MAX_NEW)], block=False)
+    yield {"url": f"http://127.0.0.1:{port}/", "calls": calls, "ready": time.monotonic()}
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server["url"], verbose=False)
+
+
+def ask(client, text, history=(), files=(), max_new=12):
+    from gradio_client import handle_file
+
+    msg = {"text": text, "files": [handle_file(str(f)) for f in files]}
+    # The client hands back file parts of the history as bare paths; to send them again they must be wrapped.
+    history = [{**m, "content": [{**c, "file": handle_file(c["file"])} if c.get("type") == "file" else c
+                                 for c in m["content"]]} for m in history]
+    return client.submit(msg, None, None, history, "", 0.0, 1.0, 0, max_new, 0, True, api_name="/chat")
+
+
+def last_text(history) -> str:
+    return "".join(c["text"] for c in history[-1]["content"] if c.get("type") == "text")
+
+
+def test_text_turns_stream_and_reuse(client):
+    job = ask(client, "hello world")
+    history = job.result(timeout=30)[0]
+    texts = [last_text(o[0]) for o in job.outputs() if o[0] and o[0][-1]["role"] == "assistant"]
+    assert len(texts) >= 3 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # grew piece by piece
+    assert "tokens/s" in texts[-1] and "first token" in texts[-1] and "12 out" in texts[-1]
+    history = ask(client, "how are you today?", history).result(timeout=30)[0]
+    assert [m["role"] for m in history] == ["user", "assistant"] * 2
+    assert "reused)" in last_text(history)  # the first turn's KV state was reused by the library
+
+
+def test_bad_requests_show_errors_then_recover(client, tmp_path):
+    history = ask(client, "hello world " * 150).result(timeout=30)[0]
+    assert history[-1]["metadata"]["title"] == cs.ERROR_TITLE and "context window" in last_text(history)
+    corrupt = tmp_path / "photo.png"
+    corrupt.write_bytes(os.urandom(300))
+    history = ask(client, "what is in the picture?", history, files=[corrupt]).result(timeout=30)[0]
+    assert history[-1]["metadata"]["title"] == cs.ERROR_TITLE and len(last_text(history)) > 10
+    assert "Traceback" not in str(history)
+    history = ask(client, "hello world", history).result(timeout=30)[0]
+    assert history[-1]["role"] == "assistant" and not history[-1]["metadata"] and "tokens/s" in last_text(history)
+    assert len(history) == 6
+
+
+def test_stop_mid_stream_and_queue_position(client, server):
+    from gradio_client.utils import Status
+
+    calls = server["calls"]
+    n0 = len(calls)
+    long = ask(client, "tell me a story", max_new=MAX_NEW)
+    deadline = time.monotonic() + 20
+    while len(long.outputs()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    waiting = ask(client, "hello world")  # concurrency 1: this one queues behind the story
+    seen_rank = None
+    while seen_rank is None and time.monotonic() < deadline:
+        st = waiting.status()
+        if st.code == Status.IN_QUEUE and st.rank is not None:
+            seen_rank = st.rank
+        time.sleep(0.02)
+    assert seen_rank == 0
+    long.cancel()
+    history = waiting.result(timeout=30)[0]  # runs at once: the cancelled stream released the model
+    assert "tokens/s" in last_text(history)
+    time.sleep(0.3)
+    # a Stop that did not stop would have decoded all MAX_NEW tokens before the queued turn could start
+    assert len(calls) - n0 < MAX_NEW
+
+
+# ------------------------------------------------------------------------------------------ browser
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's Chromium: apt-get install -y chromium")
+def test_browser_streams_and_fits_a_phone(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            t0 = time.monotonic()
+            page.goto(server["url"])
+            box = page.locator("#qo-input textarea")
+            box.wait_for(state="visible", timeout=5000)
+            assert time.monotonic() - t0 < 5, "first screen took too long"
+            box.fill("hello world")
+            box.press("Enter")
+            reply = page.locator('#qo-chat [data-testid="bot"]').last
+            seen: list[str] = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                text = reply.inner_text() if reply.count() else ""
+                if text and (not seen or text != seen[-1]):
+                    seen.append(text)
+                if "tokens/s" in text:
+                    break
+                time.sleep(0.03)
+            assert "tokens/s" in seen[-1] and "first token" in seen[-1], seen[-1:]
+            growing = [t for t in seen if "tokens/s" not in t]
+            assert len(growing) >= 2 and len(growing[-1]) > len(growing[0]), seen  # streamed, not all at once
+            page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+
+            phone = browser.new_page(viewport={"width": 390, "height": 844})
+            phone.goto(server["url"])
+            for sel in ("#qo-input textarea", "#qo-chat"):
+                el = phone.locator(sel)
+                el.wait_for(state="visible", timeout=5000)
+                b = el.bounding_box()
+                assert b and b["x"] >= 0 and b["x"] + b["width"] <= 390 and b["y"] < 844, (sel, b)
+            phone.screenshot(path=str(tmp_path / "phone.png"))
+        finally:
+            browser.close()
