@@ -71,8 +71,11 @@ class Thinker(nn.Module):
                 if mask.any():
                     raise InputError(f"the prompt has {int(mask.sum())} {pix_key} placeholders but no media")
                 continue
-            pixels, grid = select_items(inputs[pix_key], inputs[grid_key], items_after(
-                inputs["input_ids"][0], token, tokens_per_item(inputs[grid_key], self.merge), start))
+            if start == 0:  # every item is new; a batch (B > 1) lays its items out in row-major order
+                pixels, grid = inputs[pix_key], inputs[grid_key]
+            else:
+                pixels, grid = select_items(inputs[pix_key], inputs[grid_key], items_after(
+                    inputs["input_ids"][0], token, tokens_per_item(inputs[grid_key], self.merge), start))
             if grid.shape[0] == 0:
                 continue
             feats, ds = self.encode_vision(pixels, grid)
@@ -90,7 +93,8 @@ class Thinker(nn.Module):
         amask = ids == c.audio_token_id
         if inputs.get("input_features") is not None:
             counts = self.audio_token_counts(inputs["feature_attention_mask"])
-            keep = items_after(inputs["input_ids"][0], c.audio_token_id, counts, start)
+            keep = (torch.ones(counts.shape[0], dtype=torch.bool, device=counts.device) if start == 0 else
+                    items_after(inputs["input_ids"][0], c.audio_token_id, counts, start))
             if keep.any():
                 feats = self.encode_audio(inputs["input_features"][keep], inputs["feature_attention_mask"][keep])
                 h = scatter(h, amask, feats, "audio")
