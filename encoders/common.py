@@ -20,6 +20,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# Activation names used by the checkpoints' configs -> functions.
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
 def from_hf_dict(cls: type[T], d: dict[str, Any], **override: Any) -> T:
     """Build dataclass `cls` from a config dict: known fields set, unknown ones kept in `.extra`."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -129,3 +139,46 @@ def vision_rotary_cos_sin(grid_thw: torch.Tensor, head_dim: int, merge_size: int
     angles = (pos[:, :, None] * inv_freq).flatten(1)  # (N, head_dim/2): [row freqs | col freqs]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
+
+
+class AudioAttention(nn.Module):
+    """Bidirectional multi-head attention over packed audio chunks (Whisper-style projections).
+
+    Qwen2.5-Omni's k_proj has no bias (as in Whisper); Qwen3-Omni's has one.
+    """
+
+    def __init__(self, dim: int, heads: int, k_bias: bool):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"d_model {dim} is not divisible by encoder_attention_heads {heads}")
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim, bias=k_bias)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]  # x: (N packed frames, dim)
+        q, k, v = (p(x).view(n, self.heads, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(varlen_attention(q, k, v, cu_seqlens).reshape(n, -1))
+
+
+class AudioEncoderLayer(nn.Module):
+    """Pre-LN Whisper layer: x + attn(LN(x)), then x + fc2(act(fc1(LN(x))))."""
+
+    def __init__(self, d_model: int, heads: int, ffn_dim: int, activation: str, k_bias: bool):
+        super().__init__()
+        self.self_attn = AudioAttention(d_model, heads, k_bias)
+        self.self_attn_layer_norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.final_layer_norm = nn.LayerNorm(d_model)
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), cu_seqlens)
+        x = x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+        if x.dtype == torch.float16:  # the reference clamps to keep fp16 residuals finite
+            limit = torch.finfo(torch.float16).max - 1000
+            x = x.clamp(-limit, limit)
+        return x

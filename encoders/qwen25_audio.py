@@ -21,11 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.common import sinusoids, varlen_attention
-
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu,
-                "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
-
+from encoders.common import AudioEncoderLayer, sinusoids
 
 @dataclass
 class Qwen25AudioConfig:
@@ -64,46 +60,6 @@ def _local_index(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return seg, local
 
 
-class AudioAttention(nn.Module):
-    """Bidirectional MHA over packed chunks; k_proj has no bias (as in Whisper)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"d_model {dim} is not divisible by encoder_attention_heads {num_heads}")
-        self.num_heads = num_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = (p(x).view(n, self.num_heads, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(varlen_attention(q, k, v, cu_seqlens).reshape(n, -1))
-
-
-class AudioEncoderLayer(nn.Module):
-    """Pre-LN Whisper layer: x + attn(LN(x)), then x + fc2(act(fc1(LN(x))))."""
-
-    def __init__(self, cfg: Qwen25AudioConfig):
-        super().__init__()
-        self.self_attn = AudioAttention(cfg.d_model, cfg.encoder_attention_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.act = _ACTIVATIONS[cfg.activation_function]
-
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cu_seqlens)
-        x = x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
-        if x.dtype == torch.float16:  # the reference clamps to keep fp16 residuals finite
-            limit = torch.finfo(torch.float16).max - 1000
-            x = x.clamp(-limit, limit)
-        return x
-
-
 class Qwen25AudioEncoder(nn.Module):
     """Log-mel frames -> audio embeddings in the decoder's width (see module docstring)."""
 
@@ -115,7 +71,10 @@ class Qwen25AudioEncoder(nn.Module):
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         # Loaded from checkpoints (strict load) but never used by the forward pass.
         self.audio_bos_eos_token = nn.Embedding(2, cfg.output_dim)
-        self.layers = nn.ModuleList(AudioEncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layers = nn.ModuleList(
+            AudioEncoderLayer(cfg.d_model, cfg.encoder_attention_heads, cfg.encoder_ffn_dim,
+                              cfg.activation_function, k_bias=False)  # Whisper: k_proj without bias
+            for _ in range(cfg.encoder_layers))
         self.ln_post = nn.LayerNorm(d)
         self.proj = nn.Linear(d, cfg.output_dim)
         # Fixed table, not in checkpoints: non-persistent so a strict load of HF weights matches.

@@ -23,11 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.common import RMSNorm, rotate_half, varlen_attention, vision_rotary_cos_sin
-
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-                "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
-
+from encoders.common import ACTIVATIONS, RMSNorm, rotate_half, varlen_attention, vision_rotary_cos_sin
 
 @dataclass
 class Qwen25VisionConfig:
@@ -112,7 +108,7 @@ class VisionMLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden)
         self.up_proj = nn.Linear(dim, hidden)
         self.down_proj = nn.Linear(hidden, dim)
-        self.act = _ACTIVATIONS[act]
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -23,14 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import sinusoids, varlen_attention
-
-_ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
+from .common import ACTIVATIONS, AudioEncoderLayer, sinusoids
 
 
 @dataclass
@@ -74,42 +67,6 @@ def audio_output_lengths(feature_lens: torch.Tensor, n_window: int = 50) -> torc
     return _conv3_len(feature_lens % chunk) + (feature_lens // chunk) * per_chunk
 
 
-class _Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = (p(x).view(n, self.heads, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(varlen_attention(q, k, v, cu_seqlens).reshape(n, -1))
-
-
-class _EncoderLayer(nn.Module):
-    """Pre-LN transformer layer: x + attn(LN(x)), then x + fc2(act(fc1(LN(x))))."""
-
-    def __init__(self, cfg: Qwen3AudioConfig):
-        super().__init__()
-        self.self_attn = _Attention(cfg.d_model, cfg.encoder_attention_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.act = _ACTIVATIONS[cfg.activation_function]
-
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cu_seqlens)
-        x = x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
-        if x.dtype == torch.float16:  # keep fp16 activations finite, as the reference does
-            bound = torch.finfo(x.dtype).max - 1000
-            x = x.clamp(-bound, bound)
-        return x
-
-
 class Qwen3AudioEncoder(nn.Module):
     def __init__(self, cfg: Qwen3AudioConfig):
         super().__init__()
@@ -122,11 +79,14 @@ class Qwen3AudioEncoder(nn.Module):
         self.conv2d3 = nn.Conv2d(c, c, 3, 2, padding=1)
         freq_after_conv = int(_conv3_len(torch.tensor(cfg.num_mel_bins)))
         self.conv_out = nn.Linear(c * freq_after_conv, cfg.d_model, bias=False)
-        self.layers = nn.ModuleList(_EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layers = nn.ModuleList(
+            AudioEncoderLayer(cfg.d_model, cfg.encoder_attention_heads, cfg.encoder_ffn_dim,
+                              cfg.activation_function, k_bias=True)  # AuT: k_proj has a bias
+            for _ in range(cfg.encoder_layers))
         self.ln_post = nn.LayerNorm(cfg.d_model)
         self.proj1 = nn.Linear(cfg.d_model, cfg.d_model)
         self.proj2 = nn.Linear(cfg.d_model, cfg.output_dim)
-        self.act = _ACTIVATIONS[cfg.activation_function]
+        self.act = ACTIVATIONS[cfg.activation_function]
         # Not a checkpoint tensor: persistent=False keeps strict loading of on-disk weights working.
         self.register_buffer("positional_embedding", sinusoids(cfg.max_source_positions, cfg.d_model),
                              persistent=False)

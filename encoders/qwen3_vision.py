@@ -20,14 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import rotate_half, varlen_attention, vision_position_ids, vision_rotary_cos_sin
-
-_ACTIVATIONS = {
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "silu": F.silu,
-}
-
+from .common import ACTIVATIONS, rotate_half, varlen_attention, vision_position_ids, vision_rotary_cos_sin
 
 @dataclass
 class Qwen3VisionConfig:
@@ -111,7 +104,7 @@ class _MLP(nn.Module):
         super().__init__()
         self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.linear_fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = _ACTIVATIONS[cfg.hidden_act]
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_fc2(self.act(self.linear_fc1(x)))
