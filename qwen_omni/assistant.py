@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from .errors import ContextOverflowError, InputError
@@ -83,18 +85,31 @@ class Assistant:
     # ---- chatting ------------------------------------------------------------------------------------------
     def chat(self, messages: list[dict], *, max_new_tokens: int = 512, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-             stream: bool = False, stats: dict | None = None, **options: Any) -> str | Iterator[str]:
+             stream: bool = False, stats: dict | None = None, speech: bool = False, voice: str = "default",
+             **options: Any):
         """Reply to `messages`; with stream=True an iterator of text pieces as they are produced.
 
-        `stats`, when given, is filled with prompt/completion token counts, timings and reuse information.
+        speech=True also speaks the reply (float32 mono 24 kHz numpy chunks): streamed, the iterator yields
+        text pieces (str) and audio chunks (np.ndarray) interleaved, the first audio as soon as the first
+        sentence is complete; not streamed, the result is (text, audio). `stats`, when given, is filled with
+        token counts, timings, reuse information and, with speech, time to first audio and real-time factor.
         """
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        pieces = self._stream(messages, max_new_tokens, params, seed, stats if stats is not None else {}, options)
-        return pieces if stream else "".join(pieces)
+        stats = stats if stats is not None else {}
+        start = time.perf_counter()
+        pieces = self._stream(messages, max_new_tokens, params, seed, stats, options)
+        if speech:
+            pieces = speak(pieces, voice, stats, start)
+        if stream:
+            return pieces
+        if not speech:
+            return "".join(pieces)
+        parts = list(pieces)
+        audio = [p for p in parts if not isinstance(p, str)]
+        return ("".join(p for p in parts if isinstance(p, str)),
+                np.concatenate(audio) if audio else np.zeros(0, np.float32))
 
     def _stream(self, messages, max_new_tokens, params, seed, stats, options) -> Iterator[str]:
-        import time
-
         t0 = time.perf_counter()
         inputs = self.prepare(messages, **options)
         stats["prepare_time"] = time.perf_counter() - t0  # media decoding + features + template
@@ -145,20 +160,12 @@ class Assistant:
     # ---- facts for the UI ----------------------------------------------------------------------------------
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return count_parameters(self.model)[0]
 
     @property
     def num_active_parameters(self) -> int:
         """Parameters touched per generated token: MoE layers count only top-k of their experts."""
-        from .moe import SparseMoE
-
-        total = self.num_parameters
-        for m in self.model.modules():
-            if isinstance(m, SparseMoE):
-                e = m.experts.gate_up_proj.shape[0]
-                per_expert = (m.experts.gate_up_proj.numel() + m.experts.down_proj.numel()) // e
-                total -= (e - m.top_k) * per_expert
-        return total
+        return count_parameters(self.model)[1]
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -175,6 +182,51 @@ class Assistant:
                 if (i := self.tokenizer.token_id(t)) is not None:
                     ids.add(i)
         return sorted(ids)
+
+
+def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
+    """(total, active per generated token) parameters of a model; works on the meta device too.
+
+    Active: MoE layers count only top-k of their experts, and an Omni thinker's audio and vision encoders are left
+    out - they run once per media item at prefill, never per generated token. Tied weights count once.
+    """
+    from .moe import SparseMoE
+
+    total = active = sum(p.numel() for p in module.parameters())
+    for m in module.modules():
+        if isinstance(m, SparseMoE):
+            e = m.gate.weight.shape[0]  # the router scores every expert
+            per_expert = sum(p.numel() for p in m.experts.parameters()) // e
+            active -= (e - m.top_k) * per_expert
+    for name in ("audio_tower", "visual"):
+        encoder = getattr(module, name, None)
+        if isinstance(encoder, torch.nn.Module):
+            active -= sum(p.numel() for p in encoder.parameters())
+    return total, active
+
+
+def speak(pieces: Iterator[str], voice: str, stats: dict, start: float) -> Iterator[str | np.ndarray]:
+    """Interleave the offline voice's audio (one chunk per finished sentence) into a text stream."""
+    from .voice import SAMPLE_RATE, SentenceSpeaker
+
+    speaker = SentenceSpeaker(voice)
+    synth_time, audio_seconds = 0.0, 0.0
+
+    def timed(make):
+        nonlocal synth_time, audio_seconds
+        t = time.perf_counter()
+        chunks = make()
+        synth_time += time.perf_counter() - t
+        for a in chunks:
+            stats.setdefault("time_to_first_audio", time.perf_counter() - start)
+            audio_seconds += a.size / SAMPLE_RATE
+        stats.update(audio_seconds=audio_seconds, real_time_factor=synth_time / audio_seconds if audio_seconds else None)
+        return chunks
+
+    for piece in pieces:
+        yield piece
+        yield from timed(lambda: speaker.push(piece))
+    yield from timed(speaker.flush)
 
 
 def copy_prefix(src, dst, n: int) -> int:

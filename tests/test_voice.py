@@ -1,0 +1,68 @@
+"""The offline voice: espeak-ng speech streamed sentence by sentence beside the text."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qwen_omni
+from qwen_omni import voice
+
+from .test_foundation import assistant, chat_dir  # noqa: F401  (module-scoped fixtures)
+
+pytestmark = pytest.mark.skipif(not voice.available(), reason="espeak-ng is not installed (CI installs it)")
+
+
+def test_synthesize_gives_24khz_speech():
+    a = voice.synthesize("The red circle is at the top left.")
+    assert a.dtype == np.float32 and 0.8 < a.size / voice.SAMPLE_RATE < 6
+    assert np.abs(a).max() > 0.05  # not silence
+
+
+def test_sentence_speaker_speaks_each_sentence_when_complete():
+    sp = voice.SentenceSpeaker()
+    assert sp.push("Hello there") == []  # no sentence end yet
+    first = sp.push(". How are")
+    assert len(first) == 1 and first[0].size > 0
+    assert len(sp.flush()) == 1
+    assert sp.flush() == []  # nothing pending
+
+
+def test_option_like_text_is_spoken_not_parsed():
+    assert voice.synthesize("--help me").size > 0
+
+
+def test_chat_streams_audio_before_the_reply_ends(assistant):  # noqa: F811
+    msgs = [{"role": "user", "content": "hello world"}]
+    stats = {}
+    events = list(assistant.chat(msgs, max_new_tokens=24, stream=True, speech=True, stats=stats))
+    text = "".join(e for e in events if isinstance(e, str))
+    assert text == assistant.chat(msgs, max_new_tokens=24)
+    kinds = ["t" if isinstance(e, str) else "a" for e in events]
+    if any(ch in text for ch in ".!?;:\n"):  # a finished sentence is spoken while text still follows
+        assert "a" in kinds
+    text2, audio = assistant.chat(msgs, max_new_tokens=24, speech=True)
+    assert text2 == text and audio.dtype == np.float32
+    if "a" in kinds:
+        assert stats["time_to_first_audio"] > 0 and stats["audio_seconds"] > 0
+
+
+def test_unknown_voice_is_a_clear_error():
+    with pytest.raises(qwen_omni.InputError, match="could not speak"):
+        voice.synthesize("hello", voice="xx-nonexistent")
+
+
+def test_first_audio_is_yielded_before_the_text_ends():
+    import time
+
+    from qwen_omni.assistant import speak
+
+    def text():
+        yield "The circle is red. "
+        yield "It sits"
+        yield " at the top left."
+
+    stats = {}
+    events = list(speak(text(), "default", stats, time.perf_counter()))
+    kinds = ["t" if isinstance(e, str) else "a" for e in events]
+    assert kinds == ["t", "a", "t", "t", "a"]  # sentence one is heard while sentence two is still being written
+    assert stats["real_time_factor"] < 1.0  # faster than real time
