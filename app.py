@@ -1,4 +1,5 @@
-"""Qwen-Omni web chat: `python app.py [--model PATH] [--device cuda] [--port 7860] ...` (see --help).
+"""Qwen-Omni web chat: `python app.py [--model PATH] [--device cuda] [--port 7860] ...` (see --help);
+`python app.py --backend openai --base-url URL` answers through an OpenAI-compatible server instead.
 
 Thin by design: this file only lays out Gradio widgets and wires events; settings, upload checks, history
 conversion, streaming and error wording live in `qwen_omni/chat_session.py` (which never imports gradio).
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None, *, block: bool = True) -> gr.Blocks:
     settings = cs.parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks would flood the log
-    print(f"qwen-omni: loading {settings.model or 'the embedded default model'} ...", flush=True)
+    print(f"qwen-omni: loading {settings.base_url or settings.model or 'the embedded default model'} ...", flush=True)
     try:
         assistant = cs.load_assistant(settings)
     except QwenOmniError as e:

@@ -69,6 +69,9 @@ class Settings:
     max_new_tokens: int
     concurrency: int
     queue_size: int
+    backend: str = "local"  # "openai": answer through an OpenAI-compatible server (qwen_omni/remote.py)
+    base_url: str | None = None
+    api_key: str | None = None
 
 
 def _flag(value: str | None) -> bool:
@@ -97,18 +100,28 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--concurrency", type=int, default=pick("QWEN_OMNI_CONCURRENCY", default="1"),
                    help="replies generated at once; others wait in the queue and see their position")
     p.add_argument("--queue-size", type=int, default=pick("QWEN_OMNI_QUEUE_SIZE", default="64"))
+    p.add_argument("--backend", choices=["local", "openai"], default=pick("QWEN_OMNI_BACKEND", default="local"),
+                   help="openai: answer through an OpenAI-compatible server at --base-url (vLLM, qwen_omni serve)")
+    p.add_argument("--base-url", default=pick("QWEN_OMNI_BASE_URL"), help="e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", default=pick("QWEN_OMNI_API_KEY", "OPENAI_API_KEY"), help="the server's key")
     a = p.parse_args(argv)
     for name in ("max_new_tokens", "concurrency", "queue_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.backend == "openai" and not a.base_url:
+        p.error("--backend openai needs --base-url")
     return Settings(a.model, a.device, a.dtype, a.host, a.port, a.share, a.inbrowser, a.max_new_tokens,
-                    a.concurrency, a.queue_size)
+                    a.concurrency, a.queue_size, a.backend, a.base_url, a.api_key)
 
 
 def load_assistant(settings: Settings):
     """`qwen_omni.load` with a clearer message when the embedded default model is not there."""
     from .assistant import DEFAULT_MODEL, load
 
+    if settings.backend == "openai":  # --model then names the server's model (default: its first)
+        from .remote import RemoteAssistant
+
+        return RemoteAssistant(settings.base_url, api_key=settings.api_key, model=settings.model).connect()
     if settings.model is None and not DEFAULT_MODEL.is_dir():
         raise CheckpointError(
             f"the default model ({DEFAULT_MODEL.relative_to(ROOT)}) is not in this checkout; pass --model PATH "
@@ -145,6 +158,8 @@ def human_count(n: int) -> str:
 
 
 def model_card(assistant) -> str:
+    if getattr(assistant, "is_remote", False):
+        return f"- **Model:** {assistant.model}\n- **Served by:** {assistant.base_url} (OpenAI-compatible API)"
     total, active = assistant.num_parameters, assistant.num_active_parameters
     arch = "MoE" if active < total or "moe" in assistant.kind.lower() else "dense"
     dtype = str(assistant.dtype).replace("torch.", "")

@@ -1,4 +1,5 @@
-"""Command line: `python -m qwen_omni chat [--model PATH_OR_ID] ["question"] [--image F] [--audio F] [--video F]`.
+"""Command line: `python -m qwen_omni chat [--model PATH_OR_ID] ["question"] [--image F] [--audio F] [--video F]`,
+and `python -m qwen_omni serve [--model ...] [--host H] [--port P]` (OpenAI-compatible server, `server.py`).
 
 With a question, the answer streams to stdout and the program exits; without one, an interactive multi-turn
 chat opens (`/reset` forgets the conversation, `/quit` or Ctrl-D leaves). Media flags attach files to the
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--top-k", type=int, default=0)
     chat.add_argument("--seed", type=int, default=None)
+    from .server import add_serve_parser  # `serve`: the OpenAI-compatible server (qwen_omni/server.py)
+
+    add_serve_parser(sub)
     return ap
 
 
@@ -95,6 +99,10 @@ def run_chat(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "serve":
+            from .server import run_serve
+
+            return run_serve(args)
         return run_chat(args)
     except (QwenOmniError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,335 @@
+"""The OpenAI chat-completions wire format: request validation -> library messages, and response shapes.
+
+Design
+- `parse_chat_request(body, policy)` checks everything a client can get wrong before any model work, and raises
+  `APIError` (status, message, type, param) whose message names the offending place, e.g.
+  "messages[0].content[1]: invalid base64 in input_audio.data". Nothing here touches the model.
+- Content parts -> library parts (`{"type": "image", "image": <bytes>}`, ...): `text`, `image_url`, `input_audio`
+  (`{"data": base64, "format": ...}`), `video_url` and vLLM's `audio_url`. URLs may be `data:` URLs (always),
+  http(s) (only with `MediaPolicy.allow_remote`; fetched with a size cap) or local files (only under
+  `MediaPolicy.media_dir`, after resolving symlinks and `..`). Media stay undecoded bytes here: the processor
+  decodes them, and its errors are renamed to the part they came from (`ChatRequest.name_error`).
+- Sampling fields: temperature, top_p, max_tokens / max_completion_tokens, seed, stop (string or up to 4), n=1,
+  stream + stream_options.include_usage, and vLLM's extensions top_k, repetition_penalty, ignore_eos and
+  mm_processor_kwargs.use_audio_in_video. `modalities` containing "audio" is refused (no speech output yet).
+- `StopText` applies stop strings to streamed text: it holds back any tail that could still become a stop string,
+  and trims the stop string itself.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "oga", "opus", "m4a", "aac", "webm", "weba", "pcm16"}
+PART_KINDS = {"image_url": "image", "video_url": "video", "audio_url": "audio", "input_audio": "audio"}
+MAX_STOP = 4
+_DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w-]+=[^;,]*)*)(;base64)?,(.*)$", re.S)
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: HTTP status + {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(where: str, message: str, code: str | None = None) -> APIError:
+    return APIError(400, f"{where}: {message}", param=where, code=code)
+
+
+@dataclass
+class MediaPolicy:
+    allow_remote: bool = False
+    media_dir: Path | None = None
+    max_remote_bytes: int = 50 << 20
+    fetch_timeout: float = 10.0
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]
+    model: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    use_audio_in_video: bool | None = None
+    part_names: dict[tuple[str, int], str] = field(default_factory=dict)  # ("image", 1) -> "messages[0].content[1]"
+
+    def sampling(self, defaults: dict | None = None) -> dict:
+        """Keyword arguments for `chat` / `submit`; unset fields fall back to `defaults` then OpenAI's."""
+        d = defaults or {}
+        return dict(temperature=self.temperature if self.temperature is not None else d.get("temperature", 1.0),
+                    top_p=self.top_p if self.top_p is not None else d.get("top_p", 1.0),
+                    top_k=self.top_k or d.get("top_k", 0), repetition_penalty=self.repetition_penalty,
+                    seed=self.seed)
+
+    def name_error(self, message: str) -> str:
+        """Rename the processor's "image 2 of the request: ..." to "messages[1].content[0]: ..."."""
+        m = re.match(r"^(image|audio|video) (\d+) of the request: ", message)
+        if m and (where := self.part_names.get((m.group(1), int(m.group(2))))):
+            return f"{where}: {message[m.end():]}"
+        return message
+
+
+# ---------------------------------------------------------------------------------------------- request parsing
+
+def parse_chat_request(body: Any, policy: MediaPolicy) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    req = ChatRequest(messages=[], model=body.get("model"))
+    counts = {"image": 0, "audio": 0, "video": 0}
+    for i, m in enumerate(msgs):
+        req.messages.append(_message(m, f"messages[{i}]", policy, counts, req.part_names))
+    _sampling(body, req)
+    return req
+
+
+def _message(m: Any, where: str, policy: MediaPolicy, counts: dict, names: dict) -> dict:
+    if not isinstance(m, dict):
+        raise bad(where, "each message must be an object with 'role' and 'content'")
+    role = m.get("role")
+    if role == "developer":
+        role = "system"
+    if role not in ("system", "user", "assistant"):
+        raise bad(f"{where}.role", f"unsupported role {role!r}; use system, user or assistant")
+    content = m.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    if not isinstance(content, list):
+        raise bad(f"{where}.content", "content must be a string or a list of content parts")
+    parts = []
+    for j, p in enumerate(content):
+        pw = f"{where}.content[{j}]"
+        if not isinstance(p, dict):
+            raise bad(pw, "each content part must be an object with a 'type'")
+        kind = p.get("type")
+        if kind == "text":
+            if not isinstance(p.get("text"), str):
+                raise bad(pw, "a text part needs a string 'text'")
+            parts.append({"type": "text", "text": p["text"]})
+            continue
+        if kind not in PART_KINDS:
+            raise bad(pw, f"unknown content part type {kind!r}; use text, image_url, input_audio, video_url or "
+                          f"audio_url", code="unknown_part_type")
+        if role != "user":
+            raise bad(pw, f"{kind} parts are only accepted in user messages")
+        lib = PART_KINDS[kind]
+        data = _input_audio(p, pw) if kind == "input_audio" else _url_part(p, kind, pw, policy)
+        counts[lib] += 1
+        names[(lib, counts[lib])] = pw
+        parts.append({"type": lib, lib: data})
+    return {"role": role, "content": parts}
+
+
+def _b64(s: Any, pw: str, what: str) -> bytes:
+    if not isinstance(s, str) or not s:
+        raise bad(pw, f"{what} must be a non-empty base64 string")
+    try:
+        data = base64.b64decode(re.sub(r"\s+", "", s), validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(pw, f"invalid base64 in {what}", code="invalid_base64") from None
+    if not data:
+        raise bad(pw, f"{what} is empty")
+    return data
+
+
+def _input_audio(p: dict, pw: str) -> bytes:
+    a = p.get("input_audio")
+    if not isinstance(a, dict):
+        raise bad(pw, "input_audio must be an object {\"data\": base64, \"format\": \"wav\" | \"mp3\" | ...}")
+    fmt = a.get("format")
+    if fmt is not None and str(fmt).lower() not in AUDIO_FORMATS:
+        raise bad(pw, f"unsupported input_audio.format {fmt!r}; use one of {', '.join(sorted(AUDIO_FORMATS))}")
+    return _b64(a.get("data"), pw, "input_audio.data")
+
+
+def _url_part(p: dict, kind: str, pw: str, policy: MediaPolicy) -> bytes:
+    v = p.get(kind)
+    url = v.get("url") if isinstance(v, dict) else v
+    if not isinstance(url, str) or not url:
+        raise bad(pw, f"{kind} must be an object with a 'url'")
+    return load_url(url, pw, f"{kind}.url", policy)
+
+
+def load_url(url: str, pw: str, what: str, policy: MediaPolicy) -> bytes:
+    """Bytes of a data: URL, an allowed http(s) URL or a local file under the media folder."""
+    if url.startswith("data:"):
+        m = _DATA_URL.match(url)
+        if not m:
+            raise bad(pw, f"malformed data URL in {what}; expected data:<mime>;base64,<data>")
+        if not m.group(3):
+            raise bad(pw, f"the data URL in {what} must be base64-encoded (data:<mime>;base64,...)")
+        return _b64(m.group(4), pw, f"the data URL in {what}")
+    scheme = urlparse(url).scheme.lower()
+    if scheme in ("http", "https"):
+        if not policy.allow_remote:
+            raise bad(pw, f"remote URLs are refused by this server ({what}); send the media inline as a data: URL "
+                          f"(or start the server with --allow-remote-media)", code="remote_media_refused")
+        return _fetch(url, pw, policy)
+    if scheme in ("", "file") or re.match(r"^[a-zA-Z]:[\\/]", url):
+        path = unquote(urlparse(url).path) if scheme == "file" else url
+        return _local_file(path, pw, what, policy)
+    raise bad(pw, f"unsupported URL scheme {scheme!r} in {what}; use data:, http(s): or a file path")
+
+
+def _local_file(path: str, pw: str, what: str, policy: MediaPolicy) -> bytes:
+    if policy.media_dir is None:
+        raise bad(pw, f"local file paths are refused by this server ({what}); send the media inline as a data: URL "
+                      f"(or start the server with --media-dir DIR)", code="local_media_refused")
+    root = policy.media_dir.resolve()
+    p = Path(path)
+    f = (p if p.is_absolute() else root / p).resolve()
+    if not f.is_relative_to(root):
+        raise bad(pw, f"{path!r} is outside the server's media folder", code="local_media_refused")
+    if not f.is_file():
+        raise bad(pw, f"file {path!r} was not found in the server's media folder")
+    return f.read_bytes()
+
+
+def _fetch(url: str, pw: str, policy: MediaPolicy) -> bytes:
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, timeout=policy.fetch_timeout, follow_redirects=True) as r:
+            if r.status_code != 200:
+                raise bad(pw, f"fetching {url} failed with HTTP {r.status_code}")
+            data = bytearray()
+            for chunk in r.iter_bytes():
+                data += chunk
+                if len(data) > policy.max_remote_bytes:
+                    raise bad(pw, f"{url} is larger than {policy.max_remote_bytes >> 20} MB")
+            return bytes(data)
+    except httpx.HTTPError as e:
+        raise bad(pw, f"fetching {url} failed: {e}") from None
+
+
+def _sampling(body: dict, req: ChatRequest) -> None:
+    def num(name: str, lo: float, hi: float, kind=float):
+        v = body.get(name)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+            raise APIError(400, f"'{name}' must be a{'n integer' if kind is int else ' number'}", param=name)
+        if not lo <= v <= hi:
+            raise APIError(400, f"'{name}' must be between {lo} and {hi}; got {v}", param=name)
+        return kind(v)
+
+    if body.get("modalities") is not None:
+        mods = body["modalities"]
+        if not isinstance(mods, list) or not set(mods) <= {"text", "audio"}:
+            raise APIError(400, "'modalities' must be a list of \"text\" and/or \"audio\"", param="modalities")
+        if "audio" in mods:
+            raise APIError(400, "audio output is not available for this model", param="modalities",
+                           code="audio_output_unavailable")
+    if num("n", 1, 1, int) not in (None, 1):
+        raise APIError(400, "only n=1 is supported", param="n")
+    if body.get("tools") or body.get("functions"):
+        raise APIError(400, "tool calling is not supported by this server", param="tools")
+    req.stream = bool(body.get("stream", False))
+    opts = body.get("stream_options") or {}
+    req.include_usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
+    mt, mct = num("max_tokens", 1, 1 << 30, int), num("max_completion_tokens", 1, 1 << 30, int)
+    req.max_tokens = mct if mct is not None else mt
+    req.temperature = num("temperature", 0, 2)
+    req.top_p = num("top_p", 1e-9, 1)
+    req.top_k = num("top_k", -1, 1 << 20, int) or 0
+    req.top_k = max(req.top_k, 0)  # vLLM: -1 means off
+    rp = num("repetition_penalty", 1e-3, 100)
+    req.repetition_penalty = rp if rp is not None else 1.0
+    req.seed = num("seed", -(1 << 63), (1 << 63) - 1, int)
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOP:
+        raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOP} strings", param="stop")
+    req.stop = [s for s in stops if s]
+    req.ignore_eos = bool(body.get("ignore_eos", False))
+    mm = body.get("mm_processor_kwargs") or {}
+    uav = mm.get("use_audio_in_video") if isinstance(mm, dict) else None
+    uav = body.get("use_audio_in_video", uav)
+    req.use_audio_in_video = None if uav is None else bool(uav)
+
+
+# ---------------------------------------------------------------------------------------------- stop strings
+
+class StopText:
+    """Streams text through, cutting it at the first stop string (the stop string itself is not emitted)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return piece
+        text = self.held + piece
+        hits = [i for s in self.stops if (i := text.find(s)) >= 0]
+        if hits:
+            self.stopped, self.held = True, ""
+            return text[:min(hits)]
+        keep = 0  # the longest tail that is a proper prefix of some stop string
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- responses
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt: int, completion: int, cached: int | None = None) -> dict:
+    u = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cached is not None:
+        u["prompt_tokens_details"] = {"cached_tokens": cached}
+    return u
+
+
+def completion(cid: str, model: str, text: str, finish: str, use: dict) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish}], "usage": use}
+
+
+def chunk(cid: str, model: str, delta: dict | None, finish: str | None = None, use: dict | None = None) -> dict:
+    c = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+         "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                               "finish_reason": finish}]}
+    if use is not None:
+        c["usage"] = use
+    return c

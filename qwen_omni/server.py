@@ -1,0 +1,364 @@
+"""`python -m qwen_omni serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batch scheduler.
+
+Endpoints: `POST /v1/chat/completions` (JSON or SSE streaming, `data: [DONE]` last), `GET /v1/models`,
+`GET /health` (200 when ready, 503 while loading; with the scheduler's load).
+
+Design
+- The server answers at once and loads the model (or connects to the remote backend) in a background thread;
+  until then chat requests get 503 with `Retry-After`. A failed load ends the process with status 1.
+- Every error is OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for bad input (the message
+  names the part, "messages[0].content[1]: ..."), 401 without the right bearer token (`--api-key`), 404 for an
+  unknown model or route, 413 above `--max-body-mb` (checked on Content-Length and while reading), 429 when
+  the scheduler's queue is full, 503 while loading.
+- The endpoint parses in a worker thread (base64 and JSON of large bodies would otherwise stall the event loop),
+  then `engine.start()` prepares and queues the request, and the first event is awaited before any header is
+  sent: errors from preparation or prefill still get a real status, and `x-qwen-omni-cached-tokens` (prompt
+  tokens reused from an earlier turn, also in `usage.prompt_tokens_details.cached_tokens`) is known.
+- Stop strings are applied here, to the text (`StopText`), for both backends; the job is cancelled at a match.
+  A client that disconnects cancels its job: the streaming generator's `finally`, or a watcher for plain
+  requests.
+"""
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (`Request`, imported lazily
+# inside create_app so the CLI does not pay for FastAPI) at definition time.
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .engines import Job, LocalEngine, RemoteEngine, api_error
+from .openai_api import APIError, ChatRequest, MediaPolicy, StopText, chunk, completion, completion_id, \
+    parse_chat_request, usage
+
+log = logging.getLogger("qwen_omni.server")
+MB = 1 << 20
+
+
+@dataclass
+class ServeConfig:
+    api_key: str | None = None
+    max_body_bytes: int = 64 * MB
+    served_model_name: str | None = None
+    policy: MediaPolicy = field(default_factory=MediaPolicy)
+
+
+class State:
+    def __init__(self):
+        self.engine = None
+        self.error: str | None = None
+
+
+def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], on_load_error: Callable[[str], None] | None = None):
+    """The FastAPI app; `load_engine()` runs in a background thread at start-up."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    state = State()
+
+    def loader():
+        try:
+            state.engine = load_engine()
+            log.info("ready: %s (%s backend)", model_name(), state.engine.backend)
+        except Exception as e:  # noqa: BLE001 - reported through /health and the exit status
+            state.error = f"{type(e).__name__}: {e}"
+            log.error("loading failed: %s", state.error)
+            if on_load_error is not None:
+                on_load_error(state.error)
+
+    async def lifespan(app):
+        threading.Thread(target=loader, daemon=True, name="qwen-omni-loader").start()
+        yield
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.close)
+
+    app = FastAPI(title="qwen-omni", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.qwen = state
+
+    def model_name() -> str:
+        return cfg.served_model_name or state.engine.name
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request, e: APIError):
+        headers = {"Retry-After": "5"} if e.status in (429, 503) else None
+        if e.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(e.status_code, str(e.detail), kind).body(), status_code=e.status_code)
+
+    def authorize(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {cfg.api_key}".encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           "authentication_error", code="invalid_api_key")
+
+    def ready():
+        if state.engine is None:
+            msg = f"the model failed to load: {state.error}" if state.error else \
+                "the model is still loading; retry in a few seconds"
+            raise APIError(503, msg, "service_unavailable", code="model_loading")
+        return state.engine
+
+    async def read_body(request: Request) -> bytes:
+        limit = cfg.max_body_bytes
+        too_big = APIError(413, f"the request body is larger than this server's limit of {limit / MB:g} MB; "
+                                f"send smaller media", code="request_too_large")
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise too_big
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_big
+        return bytes(body)
+
+    @app.get("/health")
+    async def health():
+        if state.engine is None:
+            return JSONResponse({"status": "failed" if state.error else "loading", "error": state.error},
+                                status_code=503)
+        return {"status": "ok", "model": model_name(), **state.engine.load()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        engine = ready()
+        return {"object": "list", "data": [{"id": model_name(), "object": "model", "created": 0,
+                                            "owned_by": "qwen-omni", "max_model_len": engine.context_window}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        engine = ready()
+        raw = await read_body(request)
+        req = await asyncio.to_thread(parse, raw, cfg.policy)
+        if req.model and req.model != model_name():
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name()}'",
+                           "not_found_error", param="model", code="model_not_found")
+        try:
+            job = await engine.start(req)
+        except Exception as e:  # noqa: BLE001 - mapped to a status
+            raise api_error(e, req) from None
+        try:
+            first = await job.next()  # errors before the first token still get a status code
+        except BaseException as e:
+            job.cancel()
+            if isinstance(e, Exception):
+                raise api_error(e, req) from None
+            raise
+        cid, name = completion_id(), model_name()
+        headers = {"x-qwen-omni-cached-tokens": str(job.cached_tokens or 0)}
+        if req.stream:
+            return StreamingResponse(sse(job, req, cid, name, first), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+        try:
+            text, finish = await collect(job, req, first)
+        except Exception as e:  # noqa: BLE001
+            raise api_error(e, req) from None
+        finally:
+            watcher.cancel()
+            job.cancel()
+        return JSONResponse(completion(cid, name, text, finish, job_usage(job)), headers=headers)
+
+    return app
+
+
+def parse(raw: bytes, policy: MediaPolicy) -> ChatRequest:
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    return parse_chat_request(body, policy)
+
+
+def job_usage(job: Job) -> dict:
+    return usage(job.prompt_tokens, job.completion_tokens, job.cached_tokens or 0)
+
+
+async def pieces(job: Job, req: ChatRequest, first: list[str]):
+    """Text pieces with stop strings applied; sets job.finish_reason to "stop" at a stop string."""
+    stopper, texts = StopText(req.stop), first
+    while True:
+        text = stopper.push("".join(texts))
+        if text:
+            yield text
+        if stopper.stopped:
+            job.cancel()
+            job.finish_reason = "stop"
+            return
+        if job.done:
+            if tail := stopper.flush():
+                yield tail
+            return
+        texts = await job.next()
+
+
+async def collect(job: Job, req: ChatRequest, first: list[str]) -> tuple[str, str]:
+    out = [p async for p in pieces(job, req, first)]
+    return "".join(out), finish_reason(job)
+
+
+def finish_reason(job: Job) -> str:
+    return "length" if job.finish_reason == "length" else "stop"
+
+
+def sse_line(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def sse(job: Job, req: ChatRequest, cid: str, model: str, first: list[str]):
+    try:
+        yield sse_line(chunk(cid, model, {"role": "assistant", "content": ""}))
+        try:
+            async for text in pieces(job, req, first):
+                yield sse_line(chunk(cid, model, {"content": text}))
+            yield sse_line(chunk(cid, model, {}, finish_reason(job)))
+            if req.include_usage:
+                yield sse_line(chunk(cid, model, None, use=job_usage(job)))
+        except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
+            yield sse_line(api_error(e, req).body())
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()  # the client left (the generator was cancelled) or we are done: free the slot
+
+
+async def cancel_on_disconnect(request, job: Job, every: float = 0.5) -> None:
+    while not job.done:
+        if await request.is_disconnected():
+            job.cancel()
+            return
+        await asyncio.sleep(every)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible API (see docs/serving.md)")
+    p.add_argument("--model", default=None, help="model directory or Hub id (default: the embedded model)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("QWEN_OMNI_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $QWEN_OMNI_API_KEY; none = open)")
+    p.add_argument("--served-model-name", default=None, help="model id to report (default: the checkpoint's)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    p.add_argument("--max-model-len", type=int, default=4096, help="positions per slot (prompt + reply)")
+    p.add_argument("--prefix-cache-size", type=int, default=16, help="conversations kept for prefix reuse")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (413 above)")
+    p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs (off: 400)")
+    p.add_argument("--media-dir", type=Path, default=None, help="allow local file paths under this folder")
+    p.add_argument("--backend", choices=["local", "openai"], default="local",
+                   help="local: run the model here; openai: forward to --base-url")
+    p.add_argument("--base-url", default=None, help="with --backend openai: e.g. http://gpu-box:8000/v1")
+    p.add_argument("--remote-api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="with --backend openai: the upstream's key (default: $OPENAI_API_KEY)")
+    p.add_argument("--remote-model", default=None, help="with --backend openai: upstream model id (default: first)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def engine_loader(args) -> Callable[[], Any]:
+    if args.backend == "openai":
+        from .remote import RemoteAssistant, RemoteError
+
+        def load_remote():
+            remote = RemoteAssistant(args.base_url, api_key=args.remote_api_key, model=args.remote_model)
+            for attempt in range(1 << 30):  # the upstream may still be starting: keep answering 503 meanwhile
+                try:
+                    remote.connect()
+                    break
+                except RemoteError as e:
+                    if e.status in (401, 403) or "does not serve" in str(e):
+                        raise
+                    if attempt % 10 == 0:
+                        log.warning("waiting for the upstream server: %s", e)
+                    threading.Event().wait(min(2.0, 0.2 * (attempt + 1)))
+            return RemoteEngine(remote, args.max_batch, args.max_queue)
+        return load_remote
+
+    def load_local():
+        from .assistant import load
+
+        return LocalEngine(load(args.model, device=args.device, dtype=args.dtype), args.max_batch, args.max_queue,
+                           args.max_model_len, args.prefix_cache_size)
+    return load_local
+
+
+def config_from_args(args) -> ServeConfig:
+    return ServeConfig(api_key=args.api_key or None, max_body_bytes=int(args.max_body_mb * MB),
+                       served_model_name=args.served_model_name,
+                       policy=MediaPolicy(allow_remote=args.allow_remote_media, media_dir=args.media_dir,
+                                          max_remote_bytes=int(args.max_body_mb * MB)))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if args.backend == "openai" and not args.base_url:
+        raise SystemExit("error: --backend openai needs --base-url (e.g. http://127.0.0.1:8001/v1)")
+    for name in ("max_batch", "max_queue", "max_model_len"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise SystemExit(f"error: --{name.replace('_', '-')} is too small")
+    if args.media_dir is not None and not args.media_dir.is_dir():
+        raise SystemExit(f"error: --media-dir {args.media_dir} is not a folder")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    exit_code = 0
+    server: uvicorn.Server | None = None
+
+    def failed(_msg: str) -> None:
+        nonlocal exit_code
+        exit_code = 1
+        server.should_exit = True
+
+    app = create_app(config_from_args(args), engine_loader(args), on_load_error=failed)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    return exit_code
+
+
+def serve_in_thread(app, host: str = "127.0.0.1", ready_timeout: float = 120.0) -> tuple[str, Callable[[], None]]:
+    """Run `app` with uvicorn on a free port in a daemon thread (tests, benchmarks, embedding).
+
+    Returns (base URL without /v1, stop function). Waits until /health answers (any status). The socket is bound
+    here, so the port is known without a race.
+    """
+    import socket
+    import time
+
+    import httpx
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="qwen-omni-uvicorn")
+    thread.start()
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + "/health", timeout=2)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+    return url, stop
