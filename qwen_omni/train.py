@@ -1,0 +1,528 @@
+"""Train the tiny Qwen3-Omni thinker from scratch on the synthetic world, or fine-tune a checkpoint.
+
+    python -m qwen_omni.train --run runs/tiny --out assets/tiny-omni          # stage (a) then (b), from scratch
+    python -m qwen_omni.train --run runs/tiny --resume                        # continue after an interruption
+    python -m qwen_omni.train --init assets/tiny-omni --data my_folder --train projectors --steps 200 \\
+        --run runs/ft --out runs/ft/model                                     # fine-tune on your own JSONL
+
+Stages (from scratch): (a) alignment - captions of images/videos and transcripts of audio, so the encoders and
+their projectors learn to put what they see and hear into words; (b) instruction tuning on the full Q&A mix
+(every task of `qwen_omni.synthetic`, held-out wording never used). The decoder is trained from scratch too,
+so stage (a) trains all parameters by default (`--train-a`); with a pretrained decoder pass
+`--train-a encoders` to keep it frozen.
+
+Data: samples are generated on the fly from a seeded stream (`synthetic.iter_samples`), turned into model
+inputs by our `Processor` (the same one that serves), with the answer as the last assistant turn; the loss is
+on the answer tokens and the closing `<|im_end|>` only. Robustness augmentation: some images are JPEG'd and
+rescaled, some audio goes through MP3/Ogg, as users' uploads do. A worker process builds batches while the
+main process trains.
+
+User data (`--data DIR`): every `*.jsonl` in DIR, one example per line:
+    {"image": "cat.png", "question": "What colour is the cat?", "answer": "black"}
+    {"audio": "clip.wav", "question": "How many beeps?", "answer": "3"}
+    {"video": "clip.mp4", "use_audio_in_video": true, "question": "How many beeps?", "answer": "2"}
+    {"question": "hi", "answer": "Hello!"}
+`image` / `audio` / `video` are paths relative to the JSONL file (a list for several); all optional.
+
+Loss: token cross-entropy + 0.01 x MoE load-balancing loss (Switch style, from router logits captured by
+forward hooks on every `mlp.gate`). AdamW, linear warmup then cosine decay, gradient clipping at 1.0.
+Checkpoints (model + optimizer + step + RNG) every --ckpt-every steps to RUN/ckpt.pt; `--resume` continues.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import tiny_model as tm
+from .synthetic import TASKS, iter_samples
+
+IGNORE = -100
+STAGE_A_TASKS = {"caption": 3.0, "transcript": 2.0, "chitchat": 0.3}
+# Stage (b): harder skills get more weight; captions/transcripts stay in the mix so stage (a) is not forgotten.
+STAGE_B_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 1.3, "position": 1.2, "number": 1.8, "text": 1.2,
+                   "beep_count": 1.3, "pitch": 0.8, "spoken_word": 1.8, "video_direction": 1.3,
+                   "video_beeps": 1.5, "followup": 1.2, "chitchat": 0.4, "refusal": 0.6, "caption": 0.6,
+                   "transcript": 0.5}
+PARAM_GROUPS = {
+    "all": lambda n: True,
+    "projectors": lambda n: n.startswith(("visual.merger", "audio_tower.proj1", "audio_tower.proj2")),
+    "encoders": lambda n: n.startswith(("visual.", "audio_tower.")),
+    "llm": lambda n: n.startswith(("model.", "lm_head.")),
+}
+
+
+# ---------------------------------------------------------------- samples -> tensors
+
+def augment(sample, rng: np.random.Generator, p: float):
+    """JPEG + rescale some images, MP3/Ogg some audio (what real uploads go through)."""
+    if p <= 0:
+        return sample
+    from . import synthetic_audio as sa
+    from . import synthetic_media as sm
+
+    for m in sample.messages:
+        if isinstance(m["content"], str):
+            continue
+        for part in m["content"]:
+            if part["type"] == "image" and rng.random() < p:
+                part["image"] = sm.jpeg_resize(part["image"], int(rng.integers(30, 90)), float(rng.uniform(0.7, 1.3)))
+            elif part["type"] == "audio" and rng.random() < p * 0.5:
+                sr, x = part["audio"]
+                part["audio"] = (sr, sa.codec_roundtrip(x, "mp3" if rng.random() < 0.5 else "ogg"))
+    return sample
+
+
+def encode(processor, tokenizer, messages: list[dict], answer: str) -> dict:
+    """Model inputs for messages + the answer as the assistant turn, and labels on the answer + <|im_end|>."""
+    msgs = list(messages) + [{"role": "assistant", "content": answer}]
+    inp = processor(tokenizer, msgs, add_generation_prompt=False)
+    ids = inp["input_ids"][0]
+    im_start, im_end = tm.TOKEN_IDS["<|im_start|>"], tm.TOKEN_IDS["<|im_end|>"]
+    starts = (ids == im_start).nonzero().flatten()
+    head = len(tokenizer.encode("assistant\n"))
+    first = int(starts[-1]) + 1 + head
+    ends = (ids == im_end).nonzero().flatten()
+    last = int(ends[ends >= first][0])
+    labels = torch.full_like(ids, IGNORE)
+    labels[first:last + 1] = ids[first:last + 1]
+    inp.pop("cache_key", None)
+    inp["labels"] = labels[None]
+    return inp
+
+
+MEDIA_CAT = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
+
+
+def collate(items: list[dict], pad_id: int = 0) -> dict:
+    """Right-pad ids/labels/positions to the longest; concatenate media in row-major order."""
+    S = max(x["input_ids"].shape[1] for x in items)
+    B = len(items)
+    out = {"input_ids": torch.full((B, S), pad_id, dtype=torch.long),
+           "labels": torch.full((B, S), IGNORE, dtype=torch.long),
+           "position_ids": torch.zeros((3, B, S), dtype=items[0]["position_ids"].dtype)}
+    for i, x in enumerate(items):
+        n = x["input_ids"].shape[1]
+        out["input_ids"][i, :n] = x["input_ids"][0]
+        out["labels"][i, :n] = x["labels"][0]
+        out["position_ids"][:, i, :n] = x["position_ids"][:, 0]
+        if n < S:  # pads continue the positions (they are masked out of the loss; causal attention ignores them)
+            out["position_ids"][:, i, n:] = x["position_ids"][:, 0, -1:] + torch.arange(1, S - n + 1)
+    for k in MEDIA_CAT:
+        parts = [x[k] for x in items if k in x]
+        if parts:
+            out[k] = torch.cat(parts)
+    feats = [(x["input_features"], x["feature_attention_mask"]) for x in items if "input_features" in x]
+    if feats:
+        T = max(f.shape[2] for f, _ in feats)
+        out["input_features"] = torch.cat([F.pad(f, (0, T - f.shape[2])) for f, _ in feats])
+        out["feature_attention_mask"] = torch.cat([F.pad(m, (0, T - m.shape[1])) for _, m in feats])
+    return out
+
+
+class SyntheticStream(torch.utils.data.IterableDataset):
+    """Endless batches from the synthetic world (seeded; a worker gets its own stream)."""
+
+    def __init__(self, tok_dir: Path, model_cfg: dict, weights: dict[str, float], batch: int, seed: int,
+                 augment_p: float, max_tokens: int = 0):
+        self.tok_dir, self.model_cfg, self.weights = tok_dir, model_cfg, weights
+        self.batch, self.seed, self.augment_p, self.max_tokens = batch, seed, augment_p, max_tokens
+
+    def __iter__(self):
+        from .omni_config import ThinkerConfig
+        from .tokenizer import Tokenizer
+
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info else 0
+        torch.set_num_threads(1)
+        tok = Tokenizer.from_dir(self.tok_dir)
+        proc = _processor(ThinkerConfig.parse(self.model_cfg))
+        tasks = list(self.weights)
+        stream = iter_samples(self.seed * 1000 + wid, "train", tasks, [self.weights[t] for t in tasks])
+        rng = np.random.default_rng((self.seed, wid, 99))
+        while True:
+            items = []
+            while len(items) < self.batch:
+                s = augment(next(stream), rng, self.augment_p)
+                items.append(encode(proc, tok, s.messages, s.answer))
+            yield collate(items)
+
+
+class JsonlData(torch.utils.data.IterableDataset):
+    """A user's folder of (media, question, answer) JSONL files, shuffled every epoch."""
+
+    def __init__(self, folder: Path, tok_dir: Path, model_cfg: dict, batch: int, seed: int):
+        self.examples = load_jsonl_folder(folder)
+        if not self.examples:
+            raise SystemExit(f"{folder}: no examples found in *.jsonl files")
+        self.tok_dir, self.model_cfg, self.batch, self.seed = tok_dir, model_cfg, batch, seed
+
+    def __iter__(self):
+        from .omni_config import ThinkerConfig
+        from .tokenizer import Tokenizer
+
+        torch.set_num_threads(1)
+        tok = Tokenizer.from_dir(self.tok_dir)
+        proc = _processor(ThinkerConfig.parse(self.model_cfg))
+        rng = random.Random(self.seed)
+        while True:
+            order = list(range(len(self.examples)))
+            rng.shuffle(order)
+            for i in range(0, len(order) - self.batch + 1 if len(order) >= self.batch else 1, self.batch):
+                chunk = [self.examples[j] for j in order[i:i + self.batch]]
+                yield collate([encode(proc, tok, m, a) for m, a in chunk])
+
+
+def load_jsonl_folder(folder: Path) -> list[tuple[list[dict], str]]:
+    """[(messages, answer)] from every *.jsonl in folder (see the module docstring for the format)."""
+    out = []
+    files = sorted(Path(folder).glob("*.jsonl")) if Path(folder).is_dir() else [Path(folder)]
+    for f in files:
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                parts = []
+                for kind in ("image", "audio", "video"):
+                    srcs = ex.get(kind) or []
+                    for src in [srcs] if isinstance(srcs, str) else srcs:
+                        part = {"type": kind, kind: str((f.parent / src).resolve())}
+                        if kind == "video" and ex.get("use_audio_in_video"):
+                            part["use_audio_in_video"] = True
+                        parts.append(part)
+                parts.append({"type": "text", "text": str(ex["question"])})
+                out.append(([{"role": "user", "content": parts}], str(ex["answer"])))
+            except (KeyError, ValueError, TypeError) as e:
+                raise SystemExit(f"{f}:{n}: bad example ({e}); expected question, answer and optional "
+                                 f"image/audio/video paths") from None
+    return out
+
+
+def _processor(cfg):
+    """Our serving Processor with the tiny model's preprocessor settings."""
+    model = type("M", (), {"cfg": cfg})()
+    return tm.processor_for(model)
+
+
+# ---------------------------------------------------------------- loss
+
+class RouterLogits:
+    """Forward hooks on every MoE router (`mlp.gate`) that keep its logits for the load-balancing loss."""
+
+    def __init__(self, model):
+        from .moe import SparseMoE
+
+        self.logits: list[torch.Tensor] = []
+        self.top_k = 2
+        self.handles = []
+        for m in model.modules():
+            if isinstance(m, SparseMoE):
+                self.top_k = m.top_k
+                self.handles.append(m.gate.register_forward_hook(lambda mod, i, o: self.logits.append(o)))
+
+    def aux_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Switch-Transformer balance loss E * sum_e f_e * P_e, averaged over layers (1.0 = perfectly even)."""
+        if not self.logits:
+            return torch.zeros(())
+        total = 0.0
+        for lg in self.logits:
+            lg = lg.reshape(-1, lg.shape[-1]).float()
+            if token_mask is not None and token_mask.numel() == lg.shape[0]:
+                lg = lg[token_mask.reshape(-1)]
+            probs = lg.softmax(-1)
+            E = probs.shape[-1]
+            top = probs.topk(self.top_k, dim=-1).indices
+            frac = F.one_hot(top, E).float().sum(1).mean(0) / self.top_k
+            total = total + E * (frac * probs.mean(0)).sum()
+        self.logits.clear()
+        return total / len(self.handles)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    lg = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    tgt = labels[:, 1:].reshape(-1)
+    n = int((tgt != IGNORE).sum())
+    return F.cross_entropy(lg, tgt, ignore_index=IGNORE), n
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.1) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ---------------------------------------------------------------- checkpointing
+
+def save_ckpt(path: Path, model, opt, step: int, stage: str, extra: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "stage": stage,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                **extra}, tmp)
+    os.replace(tmp, path)
+
+
+def load_ckpt(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------- the loop
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m qwen_omni.train", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=Path("runs/tiny"), help="run folder (checkpoints, log, tokenizer)")
+    ap.add_argument("--out", type=Path, default=None, help="write the final model here (HF thinker format)")
+    ap.add_argument("--init", type=Path, default=None, help="fine-tune this checkpoint instead of training from scratch")
+    ap.add_argument("--data", type=Path, default=None, help="folder of JSONL (media, question, answer) to fine-tune on")
+    ap.add_argument("--train", default="all", choices=sorted(PARAM_GROUPS), help="which parameters to train (stage b / fine-tune)")
+    ap.add_argument("--train-a", default="all", choices=sorted(PARAM_GROUPS), help="which parameters stage (a) trains")
+    ap.add_argument("--size", default="tiny", choices=sorted(tm.SIZES))
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--steps-a", type=int, default=300, help="stage (a) steps (from scratch only)")
+    ap.add_argument("--steps", type=int, default=2000, help="stage (b) / fine-tune steps")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr-a", type=float, default=None, help="stage (a) peak LR (default --lr)")
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--aux-coef", type=float, default=0.01, help="MoE load-balancing loss weight")
+    ap.add_argument("--augment", type=float, default=0.3, help="probability of JPEG/codec augmentation per media")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU (faster where AMX/AVX512-BF16 exist)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=0, help="data worker processes (0 = build batches inline: on 2 cores a worker process slowed steps 10x)")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-n", type=int, default=4, help="held-out samples per task in the periodic eval")
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this long; 0 = no limit")
+    ap.add_argument("--minutes", type=float, default=0,
+                    help="wall-clock budget: each stage ends at its step count or its share of this time, whichever "
+                         "comes first, and its LR schedule follows the larger of the two progress fractions "
+                         "(stage a gets --a-share); 0 = steps only")
+    ap.add_argument("--a-share", type=float, default=0.15, help="share of --minutes for stage (a)")
+    ap.add_argument("--resume", action="store_true", help="continue from RUN/ckpt.pt")
+    ap.add_argument("--no-tqdm", action="store_true")
+    ap.add_argument("--stop-at-step", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
+    return ap.parse_args(argv)
+
+
+def log(run: Path, msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, file=sys.stderr, flush=True)
+    with open(run / "log.txt", "a") as f:
+        f.write(line + "\n")
+
+
+def setup(args) -> tuple[torch.nn.Module, Path]:
+    """Model and tokenizer directory (a new one, or the --init checkpoint's)."""
+    run = args.run
+    tok_dir = run / "tokenizer"
+    if args.init is not None:
+        model = tm.load_model(args.init)
+        return model, args.init
+    if not (tok_dir / "tokenizer.json").is_file():
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        tok = tm.train_tokenizer(tm.corpus_texts(), args.vocab)
+        tm.save_tokenizer(tok, tok_dir)
+        (tok_dir / "generation_config.json").write_text(json.dumps(tm.generation_config()))
+    from tokenizers import Tokenizer as Backend
+
+    vocab = Backend.from_file(str(tok_dir / "tokenizer.json")).get_vocab_size()
+    return tm.new_model(vocab, args.size, args.seed), tok_dir
+
+
+def make_loader(args, stage: str, tok_dir: Path, model, seed: int):
+    if args.data is not None:
+        ds = JsonlData(args.data, tok_dir, model.config_dict, args.batch, seed)
+    else:
+        weights = STAGE_A_TASKS if stage == "a" else STAGE_B_WEIGHTS
+        ds = SyntheticStream(tok_dir, model.config_dict, weights, args.batch, seed, args.augment)
+    kw = dict(num_workers=args.workers, prefetch_factor=4, persistent_workers=False) if args.workers else {}
+    return iter(torch.utils.data.DataLoader(ds, batch_size=None, **kw))
+
+
+def stage_plan(args) -> list[tuple[str, int, str, float]]:
+    """[(stage, steps, train group, peak lr)]."""
+    if args.init is not None or args.data is not None:
+        return [("b", args.steps, args.train, args.lr)]
+    plan = []
+    if args.steps_a > 0:
+        plan.append(("a", args.steps_a, args.train_a, args.lr_a or args.lr))
+    plan.append(("b", args.steps, args.train, args.lr))
+    return plan
+
+
+def train(args) -> Path | None:
+    torch.set_num_threads(args.threads)
+    run = args.run
+    run.mkdir(parents=True, exist_ok=True)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model, tok_dir = setup(args)
+    ckpt_path = run / "ckpt.pt"
+    state = load_ckpt(ckpt_path) if args.resume and ckpt_path.is_file() else None
+    if args.resume and state is None:
+        log(run, f"--resume: no checkpoint at {ckpt_path}; starting fresh")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+    n_params = tm.count_parameters(model)
+    log(run, f"model {n_params}; args {vars(args)}")
+    plan = stage_plan(args)
+    t_start = time.time()
+    done_stages = state.get("done_stages", []) if state else []
+    global_step = state["step"] if state else 0
+    offset = 0
+    for stage, steps, group, peak in plan:
+        if stage in done_stages:
+            offset += steps
+            continue
+        step0 = max(0, global_step - offset)  # steps already done in this stage
+        budget_s = 0.0
+        if args.minutes:
+            share = args.a_share if stage == "a" else (1 - args.a_share if any(p[0] == "a" for p in plan) else 1.0)
+            budget_s = args.minutes * 60 * share
+        stopped = run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset,
+                            state if state and state.get("stage") == stage else None, t_start, done_stages,
+                            budget_s)
+        state = None
+        offset += steps
+        global_step = offset
+        if stopped:
+            log(run, "time limit reached; checkpoint saved - rerun with --resume to continue")
+            return None
+        done_stages.append(stage)
+    final = run / "final"
+    export(model, tok_dir, final)
+    log(run, f"saved {final}")
+    if args.out is not None:
+        export(model, tok_dir, args.out)
+        log(run, f"saved {args.out}")
+    return final
+
+
+def export(model, tok_dir: Path, out: Path) -> None:
+    model.eval()
+    tm.save_pretrained(model, tok_dir, out)
+
+
+def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, state, t_start, done_stages,
+              budget_s: float = 0.0) -> bool:
+    """Train one stage from its step `step0`; True when --max-minutes stopped it. With budget_s the stage also
+    ends when its (resumable) elapsed time reaches budget_s."""
+    from tqdm import tqdm
+
+    run = args.run
+    chooser = PARAM_GROUPS[group]
+    for n, p in model.named_parameters():
+        p.requires_grad_(chooser(n))
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.98), eps=1e-8)
+    if state is not None and "opt" in state:
+        opt.load_state_dict(state["opt"])
+    log(run, f"stage {stage}: {steps} steps, training {group} ({sum(p.numel() for p in params):,} params), "
+             f"peak lr {peak}, from step {step0}")
+    loader = make_loader(args, stage, tok_dir, model, args.seed + 7919 * (offset + step0) + ord(stage))
+    router = RouterLogits(model)
+    model.train()
+    bar = tqdm(total=steps, initial=step0, desc=f"stage {stage}", disable=args.no_tqdm, dynamic_ncols=True)
+    ema = None
+    t_last = time.time()
+    warm = min(args.warmup, max(1, steps // 10))
+    elapsed0 = state.get("stage_elapsed", 0.0) if state is not None else 0.0
+    t_stage = time.time() - elapsed0
+    total_steps = steps
+    try:
+        for step in range(step0, steps):
+            batch = next(loader)
+            frac = step / steps
+            if budget_s:
+                frac = max(frac, (time.time() - t_stage) / budget_s)
+                if frac >= 1.0:
+                    log(run, f"stage {stage}: time budget {budget_s / 60:.1f} min used after {step} steps")
+                    total_steps = step
+                    break
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, steps, warm, peak) if step < warm else lr_at(
+                    warm + int(frac * (steps - warm)), steps, warm, peak)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                logits = model(batch)
+            loss, n_tok = lm_loss(logits, batch["labels"])
+            aux = router.aux_loss()
+            total = loss + args.aux_coef * aux
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.3f}", aux=f"{float(aux):.2f}")
+            done = step + 1
+            if done % args.log_every == 0 or done == steps:
+                dt = (time.time() - t_last) / args.log_every
+                t_last = time.time()
+                log(run, f"stage {stage} step {done}/{steps} loss {float(loss):.4f} ema {ema:.4f} aux {float(aux):.3f} "
+                         f"gnorm {float(gn):.2f} lr {opt.param_groups[0]['lr']:.2e} seq {batch['input_ids'].shape[1]} "
+                         f"ntok {n_tok} {dt:.2f}s/step")
+            if done % args.ckpt_every == 0 or done == steps:
+                save_ckpt(run / "ckpt.pt", model, opt, offset + done, stage,
+                          {"done_stages": list(done_stages), "stage_elapsed": time.time() - t_stage})
+            if args.eval_every and (done % args.eval_every == 0 or done == steps) and args.data is None:
+                periodic_eval(args, model, tok_dir, done, stage)
+                model.train()
+            if (args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes) or (
+                    args.stop_at_step and offset + done >= args.stop_at_step):
+                save_ckpt(run / "ckpt.pt", model, opt, offset + done, stage,
+                          {"done_stages": list(done_stages), "stage_elapsed": time.time() - t_stage})
+                return True
+        else:
+            total_steps = steps
+        if total_steps < steps:  # ended by the time budget: final checkpoint and eval of this stage
+            save_ckpt(run / "ckpt.pt", model, opt, offset + steps, stage,
+                      {"done_stages": list(done_stages) + [stage], "stage_elapsed": time.time() - t_stage})
+            if args.eval_every and args.data is None:
+                periodic_eval(args, model, tok_dir, total_steps, stage)
+    finally:
+        bar.close()
+        for h in router.handles:
+            h.remove()
+    return False
+
+
+def periodic_eval(args, model, tok_dir, step, stage) -> None:
+    from .eval import assistant_for, evaluate, format_table
+
+    model.eval()
+    t0 = time.time()
+    bot = assistant_for(model, tok_dir)
+    res = evaluate(bot, n=args.eval_n, robust=True, seed0=10_000, progress=False)
+    log(args.run, f"eval stage {stage} step {step} ({time.time() - t0:.0f}s):\n" + format_table(res))
+    with open(args.run / "evals.jsonl", "a") as f:
+        f.write(json.dumps({"stage": stage, "step": step, **{k: v["acc"] for k, v in res.items()}}) + "\n")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Training and checkpoint format of the tiny thinker (a micro-sized model; about a minute on 2 cores).
+
+- the HF-format export has exactly transformers' thinker keys (per-expert MoE tensors), and `qwen_omni.load` and
+  `Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained` read it to the same logits and greedy answers;
+- a few optimiser steps reduce the loss on a fixed batch; batches of several samples (images, audio, video
+  with its sound) go through one forward;
+- an interrupted run resumes from its checkpoint; `--init` + `--train projectors` on a JSONL folder only
+  changes the projectors.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen_omni import tiny_model as tm
+from qwen_omni import train as T
+from qwen_omni.synthetic import make_sample
+
+TASKS_MIX = ("colour", "beep_count", "video_beeps", "followup")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("micro")
+    tok = tm.train_tokenizer(tm.corpus_texts(n_per_task=4), vocab_size=400)
+    model = tm.new_model(tok.get_vocab_size(), "micro", seed=0)
+    with torch.no_grad():  # spread the weights so that a miswired part shows in the logits
+        for n, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+    tm.save_pretrained(model, None, d, tok=tok)
+    return d, model
+
+
+def test_export_has_transformers_keys(ckpt, tmp_path):
+    from safetensors import safe_open
+    from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    d, _ = ckpt
+
+    def keys(path):
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    ours = keys(d)
+    cfg = Qwen3OmniMoeThinkerConfig(**json.loads((d / "config.json").read_text()))
+    Qwen3OmniMoeThinkerForConditionalGeneration(cfg).save_pretrained(tmp_path)  # what transformers writes
+    assert ours == keys(tmp_path)
+    assert "model.layers.0.mlp.experts.7.gate_proj.weight" in ours and "lm_head.weight" in ours
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+                 "video_preprocessor_config.json", "generation_config.json"):
+        assert (d / name).is_file(), name
+    assert json.loads((d / "config.json").read_text())["model_type"] == "qwen3_omni_moe_thinker"
+
+
+def _hf_greedy(hf, inp, steps: int, stop: set[int]) -> list[int]:
+    """Greedy decoding with transformers by re-running the whole sequence (positions from its get_rope_index)."""
+    ids = inp["input_ids"]
+    media = {k: inp[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                                 "video_second_per_grid", "input_features", "feature_attention_mask") if k in inp}
+    out = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = hf(input_ids=ids, attention_mask=torch.ones_like(ids), **media).logits
+        t = int(logits[0, -1].argmax())
+        out.append(t)
+        if t in stop:
+            break
+        ids = torch.cat([ids, torch.tensor([[t]])], 1)
+    return out
+
+
+def test_ours_and_transformers_agree(ckpt):
+    import qwen_omni
+    from transformers import AutoTokenizer, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    d, _ = ckpt
+    bot = qwen_omni.load(d)
+    hf = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(d).eval()
+    for task in ("colour", "beep_count", "video_direction", "chitchat"):
+        s = make_sample(task, 5)
+        inp = bot.prepare(s.messages)
+        with torch.no_grad():
+            ours = bot.model(inp)
+            kw = {k: v for k, v in inp.items() if k not in ("position_ids", "rope_deltas", "cache_key")}
+            ref = hf(**kw, attention_mask=torch.ones_like(inp["input_ids"])).logits
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+        reply_ids = bot.tokenizer.encode(bot.chat(s.messages, max_new_tokens=6))
+        hf_ids = _hf_greedy(hf, inp, 6, set(bot.stop_ids))
+        assert bot.tokenizer.decode(hf_ids, skip_special_tokens=True) == bot.tokenizer.decode(reply_ids), task
+    tk = AutoTokenizer.from_pretrained(d)
+    text = "What colour is the star? 357"
+    assert tk.encode(text, add_special_tokens=False) == bot.tokenizer.encode(text)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tk.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == bot.tokenizer.render(msgs)
+
+
+def test_batched_steps_reduce_loss(ckpt):
+    d, _ = ckpt
+    torch.manual_seed(0)
+    model = tm.load_model(d)
+    tok_dir = d
+    from qwen_omni.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tok_dir)
+    proc = tm.processor_for(model)
+    items = [T.encode(proc, tok, s.messages, s.answer) for s in (make_sample(t, 11) for t in TASKS_MIX)]
+    batch = T.collate(items)
+    assert batch["input_ids"].shape[0] == 4 and "input_features" in batch and "pixel_values_videos" in batch
+    # each row's loss in the batch equals its loss alone (padding and media order are right)
+    model.eval()
+    with torch.no_grad():
+        lb = model(batch)
+        for i, x in enumerate(items):
+            n = x["input_ids"].shape[1]
+            torch.testing.assert_close(lb[i:i + 1, :n], model(x), atol=2e-4, rtol=1e-4)
+    model.train()
+    router = T.RouterLogits(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss, n = T.lm_loss(model(batch), batch["labels"])
+        aux = router.aux_loss()
+        assert n > 4 and 0.5 < float(aux.detach()) < 8.0
+        opt.zero_grad()
+        (loss + 0.01 * aux).backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def _args(run, *extra):
+    return T.parse_args(["--run", str(run), "--size", "micro", "--vocab", "400", "--batch", "2", "--steps-a", "2",
+                         "--steps", "4", "--eval-every", "0", "--ckpt-every", "1", "--log-every", "1", "--no-tqdm",
+                         "--augment", "0", *extra])
+
+
+def test_resume_continues_from_checkpoint(tmp_path, ckpt, monkeypatch):
+    d, _ = ckpt
+    monkeypatch.setattr(tm, "corpus_texts", lambda *a, **k: _small_corpus())  # a fast tokenizer for the test
+    run = tmp_path / "run"
+    assert T.train(_args(run, "--stop-at-step", "3")) is None  # "killed" in stage b, after step 1 of 4
+    state = T.load_ckpt(run / "ckpt.pt")
+    assert state["step"] == 3 and state["done_stages"] == ["a"]
+    before = {k: v.clone() for k, v in state["model"].items()}
+    final = T.train(_args(run, "--resume"))
+    log = (run / "log.txt").read_text()
+    assert "stage b: 4 steps" in log and "from step 1" in log
+    state = T.load_ckpt(run / "ckpt.pt")
+    assert state["step"] == 6
+    assert any(not torch.equal(before[k], state["model"][k]) for k in before)
+    import qwen_omni
+
+    assert qwen_omni.load(final).chat([{"role": "user", "content": "hi"}], max_new_tokens=3) is not None
+
+
+def _small_corpus():
+    from qwen_omni.synthetic_templates import CHITCHAT
+
+    return [tm.SYSTEM_PROMPT, "What color is the red one? 0123456789 top left beeps"] + [
+        a for _, a in CHITCHAT.values()]
+
+
+def test_finetune_projectors_on_jsonl(tmp_path, ckpt):
+    d, _ = ckpt
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = []
+    for i, color in enumerate(["red", "blue"]):
+        Image.new("RGB", (96, 64), color).save(data / f"{color}.png")
+        lines.append(json.dumps({"image": f"{color}.png", "question": "What colour is it?", "answer": color}))
+    sr = 16000
+    t = np.arange(sr // 2) / sr
+    import wave
+
+    with wave.open(str(data / "tone.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(sr)
+        w.writeframes((np.sin(2 * np.pi * 440 * t) * 8000).astype(np.int16).tobytes())
+    lines.append(json.dumps({"audio": "tone.wav", "question": "High or low?", "answer": "low"}))
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "ft"
+    T.train(T.parse_args(["--run", str(tmp_path / "run"), "--init", str(d), "--data", str(data), "--train",
+                          "projectors", "--steps", "2", "--batch", "3", "--eval-every", "0", "--no-tqdm",
+                          "--out", str(out)]))
+    base, tuned = tm.load_model(d).state_dict(), tm.load_model(out).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(k.startswith(("visual.merger", "audio_tower.proj")) for k in changed), sorted(changed)[:5]
