@@ -189,3 +189,87 @@ def test_finetune_projectors_on_jsonl(tmp_path, ckpt):
     base, tuned = tm.load_model(d).state_dict(), tm.load_model(out).state_dict()
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed and all(k.startswith(("visual.merger", "audio_tower.proj")) for k in changed), sorted(changed)[:5]
+
+
+# ---------------------------------------------------------------- the shipped model (assets/tiny-omni)
+
+# Fast held-out slice: 10 samples per task (robustness transforms on every other one). Thresholds are the issue's
+# targets less a few points; where the shipped model is still short of its target (see its model card), the
+# floor is what it measures less a margin, so the test guards against regressions without hiding the gap.
+SLICE_FLOORS = {"colour": 90, "shape": 90, "count": 80, "position": 80, "number": 80, "beep_count": 80,
+                "pitch": 90, "spoken_word": 80, "video_direction": 80, "video_beeps": 80, "followup": 80,
+                "refusal": 90}
+SHORT_OF_TARGET: dict[str, int] = {}  # task -> floor, filled in from the model card's measured table
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from qwen_omni.assistant import DEFAULT_MODEL
+
+    if not (DEFAULT_MODEL / "model.safetensors").is_file():
+        pytest.skip("assets/tiny-omni is not built yet")
+    import qwen_omni
+
+    return qwen_omni.load(DEFAULT_MODEL)
+
+
+def test_shipped_model_eval_slice(shipped):
+    from qwen_omni.eval import evaluate, format_table
+
+    res = evaluate(shipped, tuple(SLICE_FLOORS), n=10, seed0=1_000_000, robust=True, progress=False)
+    print(format_table(res))
+    low = {t: res[t]["acc"] for t in SLICE_FLOORS
+           if 100 * res[t]["acc"] < SHORT_OF_TARGET.get(t, SLICE_FLOORS[t]) - 1e-6}
+    assert not low, f"below the floor: {low}\n{format_table(res)}"
+
+
+def test_shipped_model_answers_uploaded_files(shipped, tmp_path):
+    """Real uploads: a PNG and a JPEG, a WAV and an MP3, an MP4 with sound - decoded by the processor."""
+    import av
+
+    from qwen_omni import synthetic_media as sm
+    from qwen_omni.synthetic import normalize_answer
+
+    s = make_sample("colour", 3, "heldout")
+    img = s.messages[0]["content"][0]["image"]
+    img.save(tmp_path / "a.png")
+    img.save(tmp_path / "a.jpg", quality=90)
+    q = s.messages[0]["content"][1]["text"]
+    for f in ("a.png", "a.jpg"):
+        reply = shipped.chat([{"role": "user", "content": [{"type": "image", "image": str(tmp_path / f)},
+                                                           {"type": "text", "text": q}]}], max_new_tokens=16)
+        assert reply.strip(), f
+    b = make_sample("pitch", 4, "heldout")
+    sr, x = b.messages[0]["content"][0]["audio"]
+    import wave
+
+    with wave.open(str(tmp_path / "b.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(sr)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype(np.int16).tobytes())
+    with av.open(str(tmp_path / "b.mp3"), "w", format="mp3") as out:  # MP3 like a phone recording
+        name = next(c for c in ("libmp3lame", "mp3") if c in av.codecs_available)
+        st = out.add_stream(name, rate=sr, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.asarray(x, np.float32)[None, :], format="flt", layout="mono")
+        frame.sample_rate = sr
+        for chunk in sm._audio_chunks(frame, st):
+            out.mux(st.encode(chunk))
+        out.mux(st.encode())
+    answers = {}
+    for f in ("b.wav", "b.mp3"):
+        answers[f] = shipped.chat([{"role": "user", "content": [{"type": "audio", "audio": str(tmp_path / f)},
+                                                                {"type": "text", "text": "Are the beeps high or low?"}]}],
+                                  max_new_tokens=8)
+    assert all(normalize_answer(a) in ("high", "low") for a in answers.values()), answers
+    v = make_sample("video_direction", 5, "heldout")
+    video = v.messages[0]["content"][0]["video"]
+    frames = video["frames"]
+    with av.open(str(tmp_path / "c.mp4"), "w") as out:
+        st = out.add_stream(sm._video_codec(), rate=2)
+        st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for fr in frames:
+            out.mux(st.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(fr), format="rgb24")))
+        out.mux(st.encode())
+    reply = shipped.chat([{"role": "user", "content": [{"type": "video", "video": str(tmp_path / "c.mp4")},
+                                                       {"type": "text", "text": "Which way is the shape moving?"}]}],
+                         max_new_tokens=8)
+    assert reply.strip()
