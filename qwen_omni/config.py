@@ -19,7 +19,8 @@ from encoders.common import from_hf_dict
 from .errors import CheckpointError
 
 # Families whose attention projections carry q/k/v biases regardless of `attention_bias` (Qwen2 layout).
-QKV_BIAS_FAMILIES = {"qwen2", "qwen2_5_omni_text", "qwen2_5_omni_thinker", "qwen2_5_omni"}
+QKV_BIAS_FAMILIES = {"qwen2", "qwen2_5_omni_text", "qwen2_5_omni_thinker", "qwen2_5_omni",
+                     "qwen2_5_omni_talker"}
 # Families with per-head q/k RMSNorm before RoPE (Qwen3 layout).
 QK_NORM_FAMILIES = {"qwen3", "qwen3_moe", "qwen3_omni_moe_text", "qwen3_omni_moe_thinker", "qwen3_omni_moe"}
 

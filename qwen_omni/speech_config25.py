@@ -1,0 +1,197 @@
+"""Config of Qwen2.5-Omni's speech output (`talker_config`, `token2wav_config`) and the loader of its weights.
+
+Field names are transformers' (`Qwen2_5OmniTalkerConfig`, `Qwen2_5OmniDiTConfig`, `Qwen2_5OmniBigVGANConfig`),
+parsed with `encoders.common.from_hf_dict` so unknown keys land in `extra`. Defaults:
+* talker sizes (hidden, layers, heads, ...) are required: transformers' class defaults (hidden 3584, 28
+  layers) are not the released talker's (hidden 896, 24 layers), so they must come from config.json;
+* everything else defaults to transformers' class default, which is what transformers itself uses when
+  config.json omits a key (token ids, DiT/BigVGAN shapes: the DiT and BigVGAN class defaults are the
+  released model's).
+
+`load_speech25` builds the talker and token2wav on the meta device and fills them strictly from the
+checkpoint's `talker.*` / `token2wav.*` tensors (`loader.load_into`), and reads the speaker bank `spk_dict.pt`
+with `torch.load(weights_only=True)`: plain tensors, ints and dicts only, never arbitrary pickled objects. It is
+the one non-safetensors file we read. token2wav stays float32 whatever `dtype` is asked for, as the reference
+casts it (`enable_talker()` calls `.float()`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from encoders.common import from_hf_dict
+
+from .config import TextConfig, read_config_json
+from .errors import CheckpointError
+
+DEFAULT_TALKER_MROPE = [16, 24, 24]  # transformers' fallback when rope_parameters lacks mrope_section
+
+
+@dataclass
+class TalkerConfig25:
+    vocab_size: int  # codec vocabulary (8448)
+    embedding_size: int  # = thinker hidden size: codec embeddings live in the thinker's space
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    head_dim: int = 128  # transformers' default, not hidden_size // heads
+    tts_text_start_token_id: int = 151860
+    tts_text_end_token_id: int = 151861
+    tts_text_pad_token_id: int = 151859
+    tts_codec_start_token_id: int = 8293  # codec BOS
+    tts_codec_end_token_id: int = 8294  # codec EOS
+    tts_codec_pad_token_id: int = 8292
+    tts_codec_mask_token_id: int = 8296
+    # TMRoPE of the talker prompt is computed with the talker's own copy of these ids (reference behaviour).
+    audio_token_index: int = 151646
+    image_token_index: int = 151655
+    video_token_index: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    audio_start_token_id: int = 151647
+    audio_end_token_id: int = 151648
+    position_id_per_seconds: float = 25
+    seconds_per_chunk: float = 2
+    spatial_merge_size: int = 2
+    text: TextConfig = None  # type: ignore[assignment]  # the decoder's view, set by parse
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> "TalkerConfig25":
+        cfg = from_hf_dict(cls, {k: v for k, v in d.items() if k != "text"})
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope.setdefault("mrope_section", DEFAULT_TALKER_MROPE)
+        rope.setdefault("rope_theta", d.get("rope_theta", 1e6))
+        # The decoder is a Qwen2 stack (q/k/v bias): model_type "qwen2_5_omni_talker" is in QKV_BIAS_FAMILIES.
+        cfg.text = TextConfig.parse({**d, "head_dim": cfg.head_dim, "rope_parameters": rope},
+                                    model_type="qwen2_5_omni_talker", tie_word_embeddings=False)
+        return cfg
+
+
+@dataclass
+class DiTConfig25:
+    hidden_size: int = 1024
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 16
+    ff_mult: int = 2
+    emb_dim: int = 512  # codec embedding width
+    head_dim: int = 64
+    max_position_embeddings: int = 32768
+    block_size: int = 24  # frames per attention block
+    look_ahead_layers: list[int] = field(default_factory=lambda: [10])
+    look_backward_layers: list[int] = field(default_factory=lambda: [0, 20])
+    repeats: int = 2  # mel frames per codec token
+    num_embeds: int = 8193
+    mel_dim: int = 80
+    dropout: float = 0.1  # training only
+    enc_emb_dim: int = 192  # speaker x-vector (spk_dict "cond")
+    enc_dim: int = 128  # ECAPA output
+    enc_channels: list[int] = field(default_factory=lambda: [256, 256, 256, 256, 768])
+    enc_kernel_sizes: list[int] = field(default_factory=lambda: [5, 3, 3, 3, 1])
+    enc_dilations: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 1])
+    enc_attention_channels: int = 64
+    enc_res2net_scale: int = 2
+    enc_se_channels: int = 64
+    rope_theta: float = 10000.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> "DiTConfig25":
+        rope = d.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        if rope.get("rope_type", "default") != "default":
+            raise CheckpointError(f"DiT rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+        cfg = from_hf_dict(cls, {k: v for k, v in d.items() if k != "rope_parameters"}, rope_theta=float(theta))
+        if len(cfg.enc_channels) != len(cfg.enc_kernel_sizes) or len(cfg.enc_channels) != len(cfg.enc_dilations):
+            raise CheckpointError("dit_config: enc_channels, enc_kernel_sizes and enc_dilations differ in length")
+        return cfg
+
+
+@dataclass
+class BigVGANConfig25:
+    mel_dim: int = 80
+    upsample_initial_channel: int = 1536
+    resblock_kernel_sizes: list[int] = field(default_factory=lambda: [3, 7, 11])
+    resblock_dilation_sizes: list[list[int]] = field(default_factory=lambda: [[1, 3, 5]] * 3)
+    upsample_rates: list[int] = field(default_factory=lambda: [5, 3, 2, 2, 2, 2])  # product 240 samples/frame
+    upsample_kernel_sizes: list[int] = field(default_factory=lambda: [11, 7, 4, 4, 4, 4])
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Token2WavConfig25:
+    dit: DiTConfig25
+    bigvgan: BigVGANConfig25
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> "Token2WavConfig25":
+        return cls(DiTConfig25.parse(d.get("dit_config") or {}),
+                   from_hf_dict(BigVGANConfig25, d.get("bigvgan_config") or {}))
+
+
+@dataclass
+class SpeechConfig25:
+    talker: TalkerConfig25
+    token2wav: Token2WavConfig25
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> "SpeechConfig25":
+        if raw.get("model_type") != "qwen2_5_omni":
+            raise CheckpointError(f"speech output needs a full Qwen2.5-Omni checkpoint (model_type 'qwen2_5_omni'), "
+                                  f"got {raw.get('model_type')!r}")
+        if raw.get("enable_audio_output") is False or not raw.get("talker_config"):
+            raise CheckpointError("this checkpoint has no speech output (enable_audio_output is false or there is "
+                                  "no talker_config)")
+        return cls(TalkerConfig25.parse(raw["talker_config"]), Token2WavConfig25.parse(raw.get("token2wav_config") or {}))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+SPEAKER_FILE = "spk_dict.pt"
+
+
+def load_speakers(path: Path) -> dict[str, dict[str, Any]]:
+    """`spk_dict.pt`: {name: {"bos_token": int, "cond": (enc_emb_dim,), "ref_mel": (T, mel) or (1, T, mel)}}."""
+    f = Path(path) / SPEAKER_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no {SPEAKER_FILE}; speech output needs the checkpoint's speaker bank")
+    try:
+        raw = torch.load(f, map_location="cpu", weights_only=True)  # tensors/ints/dicts only: no code runs
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise CheckpointError(f"{f}: cannot be read as plain tensors ({type(e).__name__}: {e})") from None
+    speakers = {}
+    for name, entry in raw.items():
+        missing = {"bos_token", "cond", "ref_mel"} - set(entry)
+        if missing:
+            raise CheckpointError(f"{f}: speaker {name!r} lacks {sorted(missing)}")
+        ref = torch.as_tensor(entry["ref_mel"]).float()
+        speakers[name] = {"bos_token": int(entry["bos_token"]), "cond": torch.as_tensor(entry["cond"]).float(),
+                          "ref_mel": ref if ref.dim() == 3 else ref[None]}
+    return speakers
+
+
+def load_speech25(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """-> (Talker25 in `dtype`, Token2Wav25 in float32, speakers) from a full Qwen2.5-Omni checkpoint directory."""
+    from .loader import empty_weights, load_into, read_tensors
+    from .talker25 import Talker25
+    from .token2wav25 import Token2Wav25
+
+    path = Path(path)
+    cfg = SpeechConfig25.parse(read_config_json(path))
+    with empty_weights():
+        talker = Talker25(cfg.talker)
+        token2wav = Token2Wav25(cfg.token2wav)
+
+    def only(prefix: str):
+        return lambda name: name[len(prefix):] if name.startswith(prefix) else None
+
+    load_into(talker, read_tensors(path), only("talker."), dtype, device, source=f"{path} (talker)")
+    load_into(token2wav, read_tensors(path), only("token2wav."), torch.float32, device, source=f"{path} (token2wav)")
+    return talker.eval(), token2wav.eval(), load_speakers(path)
