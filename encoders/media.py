@@ -229,7 +229,10 @@ def _decode_audio(src: Source, sr: int, label: str) -> np.ndarray:
     try:
         with av.open(f, metadata_errors="ignore") as c:
             if not c.streams.audio:
-                what = "a video without sound" if c.streams.video else "not an audio file"
+                # FFmpeg opens a still picture as a one-frame video ('png_pipe', 'jpeg_pipe', 'gif', ...)
+                still = c.format.name.endswith("_pipe") or c.format.name in ("image2", "gif", "apng")
+                what = ("it is a picture, not an audio file" if still else
+                        "a video without sound" if c.streams.video else "not an audio file")
                 raise MediaError(f"{label} contains no audio track ({what}).")
             for fr in c.decode(c.streams.audio[0]):
                 if r is None or fr.sample_rate != r.rate:  # the rate may change mid-stream

@@ -161,8 +161,7 @@ class Processor:
     # ---- messages -> inputs --------------------------------------------------------------------------
     def __call__(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                  use_audio_in_video: bool = False) -> dict[str, Any]:
-        images, videos, audios = [], [], []  # in prompt order
-        hashes: dict[str, list[str]] = {"image": [], "video": [], "audio": []}
+        parts = []  # (kind, source, use its sound), in prompt order
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise InputError("each message must be a dict with 'role' and 'content'")
@@ -178,16 +177,28 @@ class Processor:
                 if src is None:
                     raise InputError(f"a {kind} part has no '{kind}' value")
                 with_audio = bool(part.get("use_audio_in_video", use_audio_in_video)) if kind == "video" else False
+                parts.append((kind, src, with_audio))
+        n_images, n_videos = sum(k == "image" for k, _, _ in parts), sum(k == "video" for k, _, _ in parts)
+        if n_images > self.budgets.max_images or n_videos > self.budgets.max_videos:  # before decoding any
+            raise InputError(f"too many attachments ({n_images} images, {n_videos} videos); the limits are "
+                             f"{self.budgets.max_images} images and {self.budgets.max_videos} videos per request: "
+                             f"send fewer")
+        images, videos, audios = [], [], []  # in prompt order
+        hashes: dict[str, list[str]] = {"image": [], "video": [], "audio": []}
+        for kind, src, with_audio in parts:
+            try:
                 if kind == "image":
                     images.append(self.image(src))
                 elif kind == "audio":
                     audios.append(self.check_audio(media.load_audio(src)))  # features in build: padding
                 else:
                     videos.append(self.video(src, with_audio))
-                hashes[kind].append(content_hash(src))
-        if len(images) > self.budgets.max_images or len(videos) > self.budgets.max_videos:
-            raise InputError(f"too many attachments ({len(images)} images, {len(videos)} videos); the limits are "
-                             f"{self.budgets.max_images} images and {self.budgets.max_videos} videos per request")
+            except (media.MediaError, InputError) as e:
+                where = _which_source(e, kind, src, len(hashes[kind]) + 1)
+                if where is None:
+                    raise
+                raise type(e)(f"{where}: {e}") from e
+            hashes[kind].append(content_hash(src))
         text = tokenizer.render(messages, add_generation_prompt=add_generation_prompt)
         ids = tokenizer.encode(text)
         return self.build(ids, images, videos, audios, hashes)
@@ -287,6 +298,14 @@ def _next(it, kind: str) -> int:
         raise InputError(f"the prompt has more {kind} placeholders than {kind} parts (do not type placeholder "
                          f"tokens into the text)")
     return i
+
+
+def _which_source(err: Exception, kind: str, src, nth: int) -> str | None:
+    """How an error message should name the attachment it is about; None when it names the file already."""
+    label = media._label(src)  # "'name.ext'" for files, "upload" for in-memory data
+    if label != "upload" and label in str(err):
+        return None
+    return f"{kind} {label}" if label != "upload" else f"{kind} {nth} of the request"
 
 
 def content_hash(src) -> str:
