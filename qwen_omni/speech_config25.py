@@ -9,10 +9,10 @@ parsed with `encoders.common.from_hf_dict` so unknown keys land in `extra`. Defa
   released model's).
 
 `load_speech25` builds the talker and token2wav on the meta device and fills them strictly from the
-checkpoint's `talker.*` / `token2wav.*` tensors (`loader.load_into`), and reads the speaker bank `spk_dict.pt`
-with `torch.load(weights_only=True)`: plain tensors, ints and dicts only, never arbitrary pickled objects. It is
-the one non-safetensors file we read. token2wav stays float32 whatever `dtype` is asked for, as the reference
-casts it (`enable_talker()` calls `.float()`).
+checkpoint's `talker.*` / `token2wav.*` tensors (`loader.load_into`; only those tensors are read), and reads
+the speaker bank `spk_dict.pt` with `torch.load(weights_only=True)`: plain tensors, ints and dicts only, never
+arbitrary pickled objects. It is the one non-safetensors file we read. token2wav stays float32 whatever
+`dtype` is asked for, as the reference casts it (`enable_talker()` calls `.float()`).
 """
 from __future__ import annotations
 
@@ -149,7 +149,8 @@ class SpeechConfig25:
         if raw.get("enable_audio_output") is False or not raw.get("talker_config"):
             raise CheckpointError("this checkpoint has no speech output (enable_audio_output is false or there is "
                                   "no talker_config)")
-        return cls(TalkerConfig25.parse(raw["talker_config"]), Token2WavConfig25.parse(raw.get("token2wav_config") or {}))
+        return cls(TalkerConfig25.parse(raw["talker_config"]),
+                   Token2WavConfig25.parse(raw.get("token2wav_config") or {}))
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -179,7 +180,7 @@ def load_speakers(path: Path) -> dict[str, dict[str, Any]]:
 
 def load_speech25(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     """-> (Talker25 in `dtype`, Token2Wav25 in float32, speakers) from a full Qwen2.5-Omni checkpoint directory."""
-    from .loader import empty_weights, load_into, read_tensors
+    from .loader import empty_weights, load_into
     from .talker25 import Talker25
     from .token2wav25 import Token2Wav25
 
@@ -188,10 +189,21 @@ def load_speech25(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     with empty_weights():
         talker = Talker25(cfg.talker)
         token2wav = Token2Wav25(cfg.token2wav)
-
-    def only(prefix: str):
-        return lambda name: name[len(prefix):] if name.startswith(prefix) else None
-
-    load_into(talker, read_tensors(path), only("talker."), dtype, device, source=f"{path} (talker)")
-    load_into(token2wav, read_tensors(path), only("token2wav."), torch.float32, device, source=f"{path} (token2wav)")
+    for module, prefix, dt in ((talker, "talker.", dtype), (token2wav, "token2wav.", torch.float32)):
+        load_into(module, prefixed_tensors(path, prefix), lambda name, p=prefix: name[len(p):], dt, device,
+                  source=f"{path} ({prefix[:-1]})")
     return talker.eval(), token2wav.eval(), load_speakers(path)
+
+
+def prefixed_tensors(path: Path, prefix: str):
+    """Like `loader.read_tensors`, but only the tensors under `prefix` are read from disk: the thinker's
+    (most of a 7B checkpoint) are skipped by name, never materialised."""
+    from safetensors import safe_open
+
+    from .loader import safetensors_files
+
+    for f in safetensors_files(path):
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for name in sf.keys():
+                if name.startswith(prefix):
+                    yield name, sf.get_tensor(name)

@@ -24,6 +24,12 @@ and yields codes as they come, and `speak` drives our Thinker's generation loop 
 decoder records the embeddings and hidden states; no thinker code changes). The reference instead runs the
 thinker to the end first; both produce the same codes (tests/test_speech25.py).
 
+transformers 5.24 quirk: its `generate` drops an all-ones attention mask ("no padding"), and the talker builds
+the TMRoPE positions and adds the codec pad/bos embeddings only when it gets a mask. So for one unpadded
+sample 5.24 runs the talker with plain positions 0, 1, 2, ... and without those two embeddings, unlike a
+padded batch and unlike the talker's design. We default to the design; `hf524_batch1=True` reproduces 5.24's
+single-sample codes exactly. Both are tested against transformers' own talker code.
+
 Speech output also needs the reference's system prompt (`SPEECH_SYSTEM_PROMPT`, see `speech_messages`).
 """
 from __future__ import annotations

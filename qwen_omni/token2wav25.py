@@ -34,6 +34,7 @@ from torch import nn
 from .bigvgan25 import BigVGAN25
 from .config import RopeConfig
 from .ecapa25 import ECAPA25
+from .errors import InputError
 from .rope import Rotary, apply_rotary
 from .speech_config25 import DiTConfig25, Token2WavConfig25
 
@@ -106,7 +107,8 @@ class DiTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, self.head_dim).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (p(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+                   for p in (self.to_q, self.to_k, self.to_v))
         # head 0 only: interleaved RoPE = de-interleave (x0, x2, ..., x1, x3, ...) then the half-split rotation
         q0, k0 = (torch.cat((h[:, :1, :, 0::2], h[:, :1, :, 1::2]), dim=-1) for h in (q, k))
         q = torch.cat([apply_rotary(q0, cos, sin), q[:, 1:]], dim=1)
@@ -172,6 +174,8 @@ class DiT25(nn.Module):
 
     def static_inputs(self, codes: torch.Tensor, spk: torch.Tensor) -> torch.Tensor:
         """codes (B, N) + speaker_features (nB, .) -> (nB, N * repeats, enc_dim + emb_dim + enc_emb_dim)."""
+        if codes.numel() and int(codes.max()) > self.cfg.num_embeds:
+            raise InputError(f"codec code {int(codes.max())} is outside the DiT's table of {self.cfg.num_embeds + 1}")
         emb = self.text_embed(codes)
         if spk.shape[0] != codes.shape[0]:  # guided: the null branch replaces every code by code 0
             emb = torch.cat([emb, self.text_embed(torch.zeros_like(codes))])

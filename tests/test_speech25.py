@@ -262,11 +262,12 @@ def test_bigvgan_chunks_with_context_equal_one_pass(env):
     assert 18 - changed.min().item() / 240 <= 12 and changed.max().item() / 240 - 19 <= 12
 
 
-def test_exact_stream_equals_whole_decode(env):
+@pytest.mark.parametrize("steps", [4, 10])
+def test_exact_stream_equals_whole_decode(env, steps):
     g = torch.Generator().manual_seed(4)
     codes = torch.randint(0, 8448, (40,), generator=g).tolist()
     noise = FrameNoise(torch.Generator().manual_seed(9), 80, page=32)  # pages smaller than the utterance
-    ref = whole(env, codes, noise, steps=4)
+    ref = whole(env, codes, noise, steps=steps)
     pulled = []
 
     def source():
@@ -275,13 +276,17 @@ def test_exact_stream_equals_whole_decode(env):
             yield c
 
     chunks, pulled_at = [], []
-    for wav in env["t2w"].stream(source(), *spk(env), noise=noise, num_steps=4, vocoder_chunk_frames=8):
+    for wav in env["t2w"].stream(source(), *spk(env), noise=noise, num_steps=steps, vocoder_chunk_frames=8):
         chunks.append(wav)
         pulled_at.append(len(pulled))
     out = torch.cat(chunks)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert (out - ref).abs().max().item() <= 1e-4
-    assert len(chunks) > 1 and pulled_at[0] < len(codes)  # audio before the last code arrived
+    # first audio: the last evaluation finalises blocks 4*(steps-1) blocks (of 2 codes) behind the input, and the
+    # vocoder wants its first chunk (8 frames) plus context (12 frames) final, i.e. 5 blocks
+    expect_first = (4 * (steps - 1) + 5) * 2
+    assert pulled_at[0] == min(len(codes), expect_first)
+    assert steps == 10 or len(chunks) > 1  # at 4 steps, audio comes before the last code arrives
 
 
 def test_windowed_stream_seams(env):
@@ -357,6 +362,11 @@ def test_loader_dtypes_strictness_and_speaker_file(env, tmp_path):
     torch.save({"Chelsie": Evil()}, tmp_path / "spk_dict.pt")
     with pytest.raises(CheckpointError, match="plain tensors"):
         load_speakers(tmp_path)
+
+
+def test_codes_outside_the_dit_table_are_refused(env):
+    with pytest.raises(InputError, match="outside the DiT"):
+        env["t2w"](torch.tensor([[1, 8449]]), *spk(env), num_steps=2)
 
 
 def test_speech_system_prompt():
