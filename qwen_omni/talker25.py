@@ -75,6 +75,14 @@ def speech_messages(messages: list[dict], replace_system: bool = False) -> list[
     return [{"role": "system", "content": SPEECH_SYSTEM_PROMPT}, *messages]
 
 
+def pick_voice(speakers: dict[str, dict], name: str | None = None) -> dict:
+    """The spk_dict entry of voice `name` (default Chelsie, as the reference); InputError names the choices."""
+    name = name or DEFAULT_VOICE
+    if name not in speakers:
+        raise InputError(f"voice {name!r} is not in this checkpoint's spk_dict.pt; available: {sorted(speakers)}")
+    return speakers[name]
+
+
 @dataclass
 class TalkerPrompt:
     embeds: torch.Tensor  # (1, L + 2, E) thinker-space sums, before the codec pad/bos embeddings

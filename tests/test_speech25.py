@@ -39,7 +39,8 @@ from qwen_omni.errors import CheckpointError, InputError  # noqa: E402
 from qwen_omni.generate import make_generator  # noqa: E402
 from qwen_omni.sampling import SamplingParams  # noqa: E402
 from qwen_omni.speech_config25 import load_speakers, load_speech25  # noqa: E402
-from qwen_omni.talker25 import SPEECH_SYSTEM_PROMPT, TALKER_GREEDY, speak, speech_messages  # noqa: E402
+from qwen_omni.talker25 import (SPEECH_SYSTEM_PROMPT, TALKER_GREEDY, VOICES, pick_voice, speak,  # noqa: E402
+                                speech_messages)
 from qwen_omni.token2wav_stream25 import FrameNoise  # noqa: E402
 
 from .tiny_omni import save_tokenizer, thinker_config  # noqa: E402
@@ -339,7 +340,10 @@ def test_loader_dtypes_strictness_and_speaker_file(env, tmp_path):
     talker, t2w, speakers = load_speech25(env["dir"], dtype=torch.bfloat16)
     assert talker.codec_head.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in t2w.parameters())  # token2wav stays float32
-    assert set(speakers) == {"Chelsie", "Ethan"} and speakers["Ethan"]["ref_mel"].shape == (1, 50, 80)
+    assert set(speakers) == set(VOICES) and speakers["Ethan"]["ref_mel"].shape == (1, 50, 80)
+    assert pick_voice(speakers) is speakers["Chelsie"] and pick_voice(speakers, "Ethan")["bos_token"] == 596
+    with pytest.raises(InputError, match="available"):
+        pick_voice(speakers, "Nobody")
 
     from safetensors.torch import load_file, save_file
 
