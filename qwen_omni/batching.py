@@ -133,7 +133,7 @@ class BatchScheduler:
         with self._cv:
             if self._closed:
                 raise SchedulerClosedError("the scheduler has been shut down")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) >= self.max_queue + self.pool.free:  # free rows take newcomers at once
                 raise QueueFullError(f"the server is busy: {len(self.rows)} requests are generating and "
                                      f"{len(self.waiting)} are waiting (the limit); retry shortly")
             g._scheduler = self

@@ -136,6 +136,10 @@ class LocalEngine:
     def __init__(self, assistant, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
                  prefix_cache_size: int | None = None):
         self.assistant = assistant
+        if assistant.processor is not None:  # follow-up turns re-send their media: keep the features
+            from .media_cache import CachingProcessor
+
+            assistant.processor = CachingProcessor(assistant.processor)
         if prefix_cache_size is not None:
             assistant.prefix_cache.capacity = prefix_cache_size
         self.scheduler = BatchScheduler(assistant, max_batch, max_queue, max_len)

@@ -150,19 +150,21 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], on_load_error: 
             job = await engine.start(req)
         except Exception as e:  # noqa: BLE001 - mapped to a status
             raise api_error(e, req) from None
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))  # also while it waits for a row
         try:
             first = await job.next()  # errors before the first token still get a status code
         except BaseException as e:
+            watcher.cancel()
             job.cancel()
             if isinstance(e, Exception):
                 raise api_error(e, req) from None
             raise
         cid, name = completion_id(), model_name()
         headers = {"x-qwen-omni-cached-tokens": str(job.cached_tokens or 0)}
-        if req.stream:
+        if req.stream:  # from here the streaming response notices a disconnect itself
+            watcher.cancel()
             return StreamingResponse(sse(job, req, cid, name, first), media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         try:
             text, finish = await collect(job, req, first)
         except Exception as e:  # noqa: BLE001
@@ -267,6 +269,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--remote-api-key", default=os.environ.get("OPENAI_API_KEY"),
                    help="with --backend openai: the upstream's key (default: $OPENAI_API_KEY)")
     p.add_argument("--remote-model", default=None, help="with --backend openai: upstream model id (default: first)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is best on a busy shared machine)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -290,8 +294,12 @@ def engine_loader(args) -> Callable[[], Any]:
         return load_remote
 
     def load_local():
+        import torch
+
         from .assistant import load
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
         return LocalEngine(load(args.model, device=args.device, dtype=args.dtype), args.max_batch, args.max_queue,
                            args.max_model_len, args.prefix_cache_size)
     return load_local

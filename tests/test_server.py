@@ -40,13 +40,18 @@ def media_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, media_dir):
+def served(model_dir, media_dir):
     from qwen_omni.openai_api import MediaPolicy
 
     url, stop, engine = start_local_server(model_dir, max_batch=4, max_body_bytes=2 << 20,
                                            policy=MediaPolicy(media_dir=media_dir))
-    yield url
+    yield url, engine
     stop()
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +147,9 @@ def test_image_audio_video_and_local_file_equal_direct_chat(client, reference, m
         assert r.usage.prompt_tokens > 30  # the media placeholders were expanded
 
 
-def test_follow_up_turn_reuses_the_prefix(client, model_dir):
+def test_follow_up_turn_reuses_the_prefix(client, model_dir, served):
+    media_cache = served[1].assistant.processor  # CachingProcessor: the re-sent image is not decoded again
+    hits = media_cache.hits
     turn1 = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url("image/png", png_bytes(
         80, 64, seed=9))}}, {"type": "text", "text": "describe the image."}]}]
     r1 = client.chat.completions.create(model=model_dir.name, messages=turn1, max_tokens=6, temperature=0)
@@ -154,6 +161,7 @@ def test_follow_up_turn_reuses_the_prefix(client, model_dir):
     cached = r2.usage.prompt_tokens_details.cached_tokens
     assert cached >= r1.usage.prompt_tokens and int(raw.headers["x-qwen-omni-cached-tokens"]) == cached
     assert r2.usage.prompt_tokens - cached < 40
+    assert media_cache.hits == hits + 1
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -172,12 +180,14 @@ def test_bad_requests_get_openai_shaped_errors(server, client, model_dir):
     assert set(body) == {"message", "type", "param", "code"} and body["type"] == "invalid_request_error"
     status, body = error_of(lambda: ask(client, [{"type": "hologram", "hologram": {}}]))
     assert status == 400 and body["message"].startswith("messages[0].content[0]: unknown content part type 'hologram'")
-    status, body = error_of(lambda: ask(client, [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/x.png"}}]))
+    remote_url = {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/x.png"}}
+    status, body = error_of(lambda: ask(client, [remote_url]))
     assert status == 400 and "remote URLs are refused" in body["message"]
     status, body = error_of(lambda: ask(client, [{"type": "image_url", "image_url": {"url": "../../etc/passwd"}}]))
     assert status == 400 and "outside the server's media folder" in body["message"]
     status, body = error_of(lambda: ask(client, [  # valid base64, not an image: named by its part
-        {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": data_url("image/png", b"nope" * 9)}}]))
+        {"type": "text", "text": "look"},
+        {"type": "image_url", "image_url": {"url": data_url("image/png", b"nope" * 9)}}]))
     assert status == 400 and body["message"].startswith("messages[0].content[1]: ")
     status, body = error_of(lambda: ask(client, "hi", extra_body={"modalities": ["text", "audio"]}))
     assert status == 400 and body["message"] == "audio output is not available for this model"
