@@ -22,7 +22,8 @@ from .errors import CheckpointError
 QKV_BIAS_FAMILIES = {"qwen2", "qwen2_5_omni_text", "qwen2_5_omni_thinker", "qwen2_5_omni",
                      "qwen2_5_omni_talker"}
 # Families with per-head q/k RMSNorm before RoPE (Qwen3 layout).
-QK_NORM_FAMILIES = {"qwen3", "qwen3_moe", "qwen3_omni_moe_text", "qwen3_omni_moe_thinker", "qwen3_omni_moe"}
+QK_NORM_FAMILIES = {"qwen3", "qwen3_moe", "qwen3_omni_moe_text", "qwen3_omni_moe_thinker", "qwen3_omni_moe",
+                    "qwen3_omni_moe_talker_text", "qwen3_omni_moe_talker_code_predictor"}
 
 
 @dataclass

@@ -84,11 +84,14 @@ class TextModel(nn.Module):
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 deepstack: list[torch.Tensor] | None = None, visual_mask: torch.Tensor | None = None,
-                ) -> torch.Tensor:
+                return_hidden_layer: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """h: (B, S, H) input embeddings; positions: (B, S) or (3, B, S), default = next cache slots.
 
         deepstack: per-layer visual features (n_visual, H) added at `visual_mask` (B, S) after layers 0..k-1
         (Qwen3-Omni DeepStack). Returns the normed hidden states (B, S, H).
+        return_hidden_layer=k also returns transformers' `hidden_states[k]` as a pair (normed, hidden_k): k=0 the
+        input embeddings, k=1..L-1 layer k-1's output before any DeepStack addition, k=L the normed output (the
+        Qwen3-Omni talker reads the thinker at `accept_hidden_layer`).
         """
         B, S, _ = h.shape
         if positions is None:
@@ -99,13 +102,19 @@ class TextModel(nn.Module):
         if cache is not None and not (bool((cache.lengths == 0).all()) or
                                       (S == 1 and bool((cache.lengths == cache.lengths[0]).all()))):
             mask = cache.attention_mask(S)
+        taken = h if return_hidden_layer == 0 else None
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, cache, i, mask)
+            if return_hidden_layer == i + 1:
+                taken = h
             if deepstack is not None and i < len(deepstack):
                 h = h.index_put((visual_mask,), deepstack[i].to(h.dtype), accumulate=True)
         if cache is not None:
             cache.advance(S)
-        return self.norm(h)
+        out = self.norm(h)
+        if return_hidden_layer is None:
+            return out
+        return out, (out if return_hidden_layer == len(self.layers) else taken)
 
 
 class CausalLM(nn.Module):
