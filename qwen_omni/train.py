@@ -228,7 +228,11 @@ class RouterLogits:
         for m in model.modules():
             if isinstance(m, SparseMoE):
                 self.top_k = m.top_k
-                self.handles.append(m.gate.register_forward_hook(lambda mod, i, o: self.logits.append(o)))
+                self.handles.append(m.gate.register_forward_hook(self._keep))
+
+    def _keep(self, module, inputs, out) -> None:
+        if module.training and torch.is_grad_enabled():  # never an eval's or a generation's routing
+            self.logits.append(out)
 
     def aux_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Switch-Transformer balance loss E * sum_e f_e * P_e, averaged over layers (1.0 = perfectly even)."""
@@ -474,7 +478,7 @@ def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, st
             opt.step()
             ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{ema:.3f}", aux=f"{float(aux):.2f}")
+            bar.set_postfix(loss=f"{ema:.3f}", aux=f"{float(aux.detach()):.2f}")
             done = step + 1
             if done % args.log_every == 0 or done == steps:
                 dt = (time.time() - t_last) / args.log_every
@@ -487,6 +491,7 @@ def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, st
                           {"done_stages": list(done_stages), "stage_elapsed": time.time() - t_stage})
             if args.eval_every and (done % args.eval_every == 0 or done == steps) and args.data is None:
                 periodic_eval(args, model, tok_dir, done, stage)
+                router.logits.clear()
                 model.train()
             if (args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes) or (
                     args.stop_at_step and offset + done >= args.stop_at_step):
@@ -513,7 +518,8 @@ def periodic_eval(args, model, tok_dir, step, stage) -> None:
     model.eval()
     t0 = time.time()
     bot = assistant_for(model, tok_dir)
-    res = evaluate(bot, n=args.eval_n, robust=True, seed0=10_000, progress=False)
+    with torch.no_grad():
+        res = evaluate(bot, n=args.eval_n, robust=True, seed0=10_000, progress=False)
     log(args.run, f"eval stage {stage} step {step} ({time.time() - t0:.0f}s):\n" + format_table(res))
     with open(args.run / "evals.jsonl", "a") as f:
         f.write(json.dumps({"stage": stage, "step": step, **{k: v["acc"] for k, v in res.items()}}) + "\n")
