@@ -10,7 +10,8 @@ Design
   (tokens (B,) -> logits (B, V); rows have their own lengths, and for a Thinker their own rope deltas).
 - Prefix reuse is per request, before its prefill: the `PrefixCache` gives the batch-1 cache of the longest
   matching earlier conversation; only the new tokens are prefilled (media already in the cache are not encoded
-  again). The batch-1 cache is copied into a pool row; at the end the generated positions are copied back and
+  again). The scheduler installs a `SharedPrefixCache`, which copies a partial match (say, a shared system
+  prompt) instead of taking another conversation's state away. The batch-1 cache is copied into a pool row; at the end the generated positions are copied back and
   the cache goes back to the `PrefixCache` for the next turn.
 - Sampling is per row with the request's own `SamplingParams` and seeded `torch.Generator`, through the same
   `apply_repetition_penalty` / `sample` calls as `generate()`, so a greedy (or seeded) request gives the tokens
@@ -37,6 +38,7 @@ from .assistant import copy_prefix
 from .errors import ContextOverflowError, QwenOmniError
 from .generate import make_generator
 from .sampling import SamplingParams, apply_repetition_penalty, sample
+from .shared_prefix import SharedPrefixCache
 from .slot_pool import SlotPool
 from .tokenizer import StreamDecoder
 
@@ -106,6 +108,9 @@ class BatchScheduler:
         self.assistant, self.model = assistant, assistant.model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = min(max_len or assistant.context_window, assistant.context_window)
+        if not isinstance(assistant.prefix_cache, SharedPrefixCache):  # many conversations: share, do not steal
+            assistant.prefix_cache = SharedPrefixCache(lambda n: self.model.new_cache(1, n),
+                                                       assistant.prefix_cache.capacity)
         self.pool = SlotPool(self.model, max_batch, self.max_len)
         self.rows: list[Generation] = []  # rows[i] decodes in pool row i
         self.waiting: deque[Generation] = deque()
@@ -223,10 +228,12 @@ class BatchScheduler:
             g.cache, g.seen, g.stats["reused_tokens"] = cache, ids, reused
             logits = self.model.prefill(inputs, cache, start=reused)  # (1, V)
             g.stats["time_to_first_token"] = time.perf_counter() - g.stats["submitted"]
-            if self._take(g, self._sample(g, logits)):
-                g.next_token = g.out[-1]
+            tok = self._sample(g, logits)
+            if tok not in g.stop_ids and g.budget > 1:  # it goes on: take the row before anyone sees the token
                 self.pool.insert(cache, n)
                 self.rows.append(g)
+            if self._take(g, tok):
+                g.next_token = tok
         except Exception as e:  # noqa: BLE001 - reported to this request; the others carry on
             if not isinstance(e, QwenOmniError):
                 log.exception("prefill failed")

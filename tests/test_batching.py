@@ -114,12 +114,12 @@ def test_cancel_frees_the_slot_at_once_and_others_continue(text_dir):
         it = iter(long)
         next(it)
         it.close()  # like a client disconnect
-        steps_at_cancel = sched.steps
+        tokens_at_cancel = len(long.out)
         deadline = time.monotonic() + 5
         while long.finish_reason is None and time.monotonic() < deadline:
             time.sleep(0.002)
         assert long.finish_reason == "cancelled"
-        assert sched.steps - steps_at_cancel <= 1, "the row is freed before the next decode step"
+        assert len(long.out) - tokens_at_cancel <= 1, "the row is freed before the next decode step"
         assert len(list(other)) == 40 and other.finish_reason == "length"
         assert sched.load() == {"active": 0, "waiting": 0, "free_slots": 2}
         assert len(long.out) < 2000
@@ -159,5 +159,22 @@ def test_follow_up_turn_reuses_the_prefix_and_does_not_re_encode_media(omni_dir)
         assert calls == [1], "the image in history must not be encoded again"
         assert stats2["reused_tokens"] >= stats1["prompt_tokens"]
         assert stats2["prompt_tokens"] - stats2["reused_tokens"] < 40
+    finally:
+        sched.close()
+
+
+def test_interleaved_conversations_keep_their_own_prefix(text_dir):
+    model = qwen_omni.load(text_dir, device="cpu")
+    sched = BatchScheduler(model, max_batch=2)
+    try:
+        a1 = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]
+        b1 = [{"role": "user", "content": "what colour is the circle?"}]  # shares only the system prompt with a1
+        s_a1, s_b1, s_a2 = {}, {}, {}
+        reply = sched.chat(a1, max_new_tokens=6, stats=s_a1)
+        sched.chat(b1, max_new_tokens=6, stats=s_b1)
+        assert 0 < s_b1["reused_tokens"] < s_a1["prompt_tokens"]  # the system prompt, copied from a1's state
+        sched.chat(a1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "hello"}],
+                   max_new_tokens=6, stats=s_a2)
+        assert s_a2["reused_tokens"] >= s_a1["prompt_tokens"], "b1 must not have consumed a1's state"
     finally:
         sched.close()
