@@ -114,7 +114,10 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], on_load_error: 
         limit = cfg.max_body_bytes
         too_big = APIError(413, f"the request body is larger than this server's limit of {limit / MB:g} MB; "
                                 f"send smaller media", code="request_too_large")
-        if int(request.headers.get("content-length") or 0) > limit:
+        declared = request.headers.get("content-length") or "0"
+        if not declared.isdigit():
+            raise APIError(400, "the Content-Length header is not a number")
+        if int(declared) > limit:
             raise too_big
         body = bytearray()
         async for part in request.stream():

@@ -197,6 +197,8 @@ def test_bad_requests_get_openai_shaped_errors(server, client, model_dir):
     big = {"model": model_dir.name, "messages": [{"role": "user", "content": "x" * (3 << 20)}]}
     r = httpx.post(server + "/v1/chat/completions", json=big, timeout=60)
     assert r.status_code == 413 and "larger than this server's limit" in r.json()["error"]["message"]
+    status, body = error_of(lambda: ask(client, "blue " * 2100))  # the server's rows hold 2048 positions
+    assert status == 400 and body["code"] == "context_length_exceeded"
     r = httpx.post(server + "/v1/chat/completions", content=b"{not json", timeout=60)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
@@ -210,8 +212,22 @@ def test_client_disconnect_frees_the_slot(server, client):
     wait_idle(server, timeout=5)
 
 
-def test_auth_and_queue_limits(model_dir):
-    url, stop, engine = start_local_server(model_dir, max_batch=1, max_queue=1, api_key=KEY)
+def serve_files(folder):
+    """A plain static file server on loopback (the "remote" host of --allow-remote-media)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(folder)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def test_auth_queue_limits_and_remote_media(model_dir, media_dir, reference):
+    from qwen_omni.openai_api import MediaPolicy
+
+    url, stop, engine = start_local_server(model_dir, max_batch=1, max_queue=1, api_key=KEY,
+                                           policy=MediaPolicy(allow_remote=True))
+    files = serve_files(media_dir)
     try:
         anon = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=60)
         with pytest.raises(openai.AuthenticationError) as e:
@@ -237,7 +253,18 @@ def test_auth_and_queue_limits(model_dir):
         t.join(60)
         assert queued["r"].usage.completion_tokens >= 1
         wait_idle(url)
+        # --allow-remote-media: http(s) URLs are fetched (here from a loopback file server)
+        remote = f"http://127.0.0.1:{files.server_address[1]}/cat.png"
+        r = c.chat.completions.create(model=name, max_tokens=6, temperature=0, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": remote}}, {"type": "text", "text": "what is this?"}]}])
+        assert r.choices[0].message.content == reference.chat([{"role": "user", "content": [
+            {"type": "image", "image": (media_dir / "cat.png").read_bytes()}, {"type": "text", "text": "what is this?"}]}],
+            max_new_tokens=6)
+        status, body = error_of(lambda: c.chat.completions.create(model=name, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": remote.replace("cat.png", "missing.png")}}]}]))
+        assert status == 400 and "HTTP 404" in body["message"]
     finally:
+        files.shutdown()
         stop()
 
 
@@ -330,3 +357,14 @@ def test_short_load_run_has_no_failures_and_no_leaked_slots(server, model_dir):
     assert report["failed"] == 0, report["errors"]
     assert report["ok"] + report["cancelled"] == 20 and report["cancelled"] >= 1
     assert report["leaked"] == {"active": 0, "waiting": 0}
+
+
+def test_stop_text_holds_back_partial_matches():
+    from qwen_omni.openai_api import StopText
+
+    s = StopText(["END", "xyz"])
+    assert [s.push(p) for p in ["ab", "cE", "N", "q", "EN", "Dtail"]] == ["ab", "c", "", "ENq", "", ""]
+    assert s.stopped and s.flush() == ""
+    s = StopText(["END"])
+    assert s.push("abE") == "ab" and s.flush() == "E"  # a held-back tail is released at the end
+    assert StopText([]).push("anything") == "anything"
