@@ -108,9 +108,12 @@ class RemoteAssistant:
     def chat(self, messages: list[dict], *, max_new_tokens: int | None = 512, temperature: float | None = 0.0,
              top_p: float | None = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
              stream: bool = False, stats: dict | None = None, stop: list[str] | None = None,
-             ignore_eos: bool = False, use_audio_in_video: bool | None = None, **options: Any
-             ) -> str | Iterator[str]:
+             ignore_eos: bool = False, use_audio_in_video: bool | None = None, speech: bool = False,
+             voice: str = "default", **options: Any) -> str | Iterator[str]:
         """Like `Assistant.chat`; None for max_new_tokens / temperature / top_p leaves them to the server."""
+        if speech:
+            raise RemoteUnsupportedError("spoken replies are not available for a remote backend yet; "
+                                         "turn speech off (the server's text reply still streams)")
         if options:
             raise InputError(f"unknown option(s) for a remote backend: {', '.join(sorted(options))}")
         body: dict[str, Any] = {"messages": to_openai_messages(messages), "stream": True,

@@ -311,6 +311,9 @@ def test_remote_backend_forwards_to_an_openai_compatible_peer(server, reference,
     assert stats["prompt_tokens"] > 30 and stats["completion_tokens"] >= 1
     with pytest.raises(RemoteUnsupportedError, match="not available for a remote backend"):
         remote.prepare(msgs)
+    with pytest.raises(RemoteUnsupportedError, match="spoken replies"):
+        remote.chat(msgs, speech=True)
+    assert remote.chat(msgs, max_new_tokens=10, speech=False, voice="default") == expected
     # the app's --backend openai
     settings = cs.parse_settings(["--backend", "openai", "--base-url", server + "/v1"], {})
     assistant = cs.load_assistant(settings)
