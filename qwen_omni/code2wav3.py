@@ -306,36 +306,52 @@ class Code2Wav3(nn.Module):
         the transformer once (its sliding-window keys/values are kept), then the conv stack runs on them plus
         `left_context` earlier frames (None: the exact minimum, at most `conv_receptive_field`; fewer than that
         trades exactness for speed, like transformers' fixed 25). Samples that still need a future frame (the
-        transposed convs look one input ahead) are held back until it arrives.
+        transposed convs look one input ahead) are held back until it arrives. Push-style: `Code2WavStream`.
         """
-        spf = self.samples_per_frame
-        state: list = [None] * len(self.pre_transformer.layers)
-        hbuf, hstart, n, emitted, pending = None, 0, 0, 0, []
-
-        def emit() -> torch.Tensor | None:
-            nonlocal hbuf, hstart, n, emitted
-            codes = torch.cat(pending, dim=1)[None]  # (1, Q, m)
-            pending.clear()
-            h = self.pre_transformer(self.embed(codes), start=n, state=state)
-            hbuf = h if hbuf is None else torch.cat([hbuf, h], dim=1)
-            n += codes.shape[-1]
-            end = self.output_length(n)
-            if end <= emitted:
-                return None
-            first = self.first_frame(emitted) if left_context is None else emitted // spf - left_context
-            s = max(0, first)
-            wav = self.convs(hbuf[:, s - hstart:])[0, 0]
-            out = wav[emitted - s * spf:end - s * spf]
-            hbuf, hstart, emitted = hbuf[:, s - hstart:], s, end
-            return out.float().cpu()
-
-        count = 0
+        s = Code2WavStream(self, left_context)
         for f in frames:
-            pending.append(f.reshape(self.cfg.num_quantizers, -1).long())
-            count += pending[-1].shape[1]
-            if count >= chunk:
-                count = 0
-                if (out := emit()) is not None:
-                    yield out
-        if pending and (out := emit()) is not None:
+            s.push(f)
+            if s.pending >= chunk and (out := s.decode()) is not None:
+                yield out
+        if (out := s.decode()) is not None:
             yield out
+
+
+class Code2WavStream:
+    """One utterance decoded incrementally: `push` frames as the talker makes them, `decode` when a chunk is
+    wanted (the caller picks the chunk sizes, e.g. small first for latency, then larger for throughput)."""
+
+    def __init__(self, net: Code2Wav3, left_context: int | None = None):
+        self.net, self.left_context = net, left_context
+        self.state: list = [None] * len(net.pre_transformer.layers)  # per-layer window keys/values
+        self.hbuf: torch.Tensor | None = None  # (1, frames, H) transformer output from frame `hstart` on
+        self.hstart = self.n = self.emitted = 0  # frames seen; samples emitted
+        self.frames: list[torch.Tensor] = []  # pushed, not yet decoded: (Q, m) each
+        self.pending = 0  # their frame count
+
+    def push(self, frames: torch.Tensor) -> None:
+        """frames: (Q,) or (Q, m) codes."""
+        self.frames.append(frames.reshape(self.net.cfg.num_quantizers, -1).long())
+        self.pending += self.frames[-1].shape[1]
+
+    @torch.no_grad()
+    def decode(self) -> torch.Tensor | None:
+        """Audio (float32 CPU, 1-D) for everything pushed that no future frame can change; None if nothing new."""
+        if not self.frames:
+            return None
+        net, spf = self.net, self.net.samples_per_frame
+        codes = torch.cat(self.frames, dim=1)[None]  # (1, Q, m)
+        self.frames, self.pending = [], 0
+        h = net.pre_transformer(net.embed(codes), start=self.n, state=self.state)
+        self.hbuf = h if self.hbuf is None else torch.cat([self.hbuf, h], dim=1)
+        self.n += codes.shape[-1]
+        end = net.output_length(self.n)
+        if end <= self.emitted:
+            return None
+        first = (net.first_frame(self.emitted) if self.left_context is None
+                 else self.emitted // spf - self.left_context)
+        s = max(0, first)
+        wav = net.convs(self.hbuf[:, s - self.hstart:])[0, 0]
+        out = wav[self.emitted - s * spf:end - s * spf]
+        self.hbuf, self.hstart, self.emitted = self.hbuf[:, s - self.hstart:], s, end
+        return out.float().cpu()

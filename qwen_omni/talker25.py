@@ -147,53 +147,100 @@ class Talker25(nn.Module):
 
     @torch.no_grad()
     def stream_codes(self, prompt: TalkerPrompt, replies: Iterable[torch.Tensor], text_eos_embed: torch.Tensor,
-                     text_pad_embed: torch.Tensor, *, params: SamplingParams = TALKER_SAMPLING,
-                     max_new_tokens: int = 4096, generator: torch.Generator | None = None,
-                     stop_ids: Iterable[int] | None = None, hf524_batch1: bool = False) -> Iterator[int]:
+                     text_pad_embed: torch.Tensor, **kw) -> Iterator[int]:
         """Yield codec codes (stop code excluded), pulling reply_k from `replies` only when step k needs it.
 
         replies: reply parts (1, 1, E) of generated tokens 1, 2, ... (token 0's is in the prompt); when it is
-        exhausted, text_eos_embed (1, 1, E) is used once, then text_pad_embed.
-
-        hf524_batch1: reproduce what transformers 5.24 actually computes for one unpadded sample. Its
-        `generate` drops an all-ones attention mask, and the talker only builds TMRoPE positions and adds the
-        codec pad/bos embeddings when it receives a mask; so that path runs with plain positions 0, 1, 2, ...
-        and without the two codec embeddings. Default (False): the talker as designed (and as transformers
-        runs it when a mask reaches it, e.g. a left-padded batch).
+        exhausted, text_eos_embed (1, 1, E) is used once, then text_pad_embed. Keyword arguments: `TalkerStream25`.
         """
-        c = self.cfg
-        codec = self.model.embed_tokens
+        stream, it = TalkerStream25(self, prompt, text_eos_embed, text_pad_embed, **kw), iter(replies)
+        while True:
+            yield from stream.codes()
+            if stream.done:
+                return
+            nxt = next(it, None)
+            if nxt is None:
+                stream.finish()
+            else:
+                stream.push(nxt)
+
+
+class TalkerStream25:
+    """One utterance, push-style: `push(reply)` / `finish()` feed the thinker side, `codes()` yields what they allow.
+
+    params: `TALKER_SAMPLING` (reference default) or `TALKER_GREEDY`. hf524_batch1: reproduce what transformers
+    5.24 actually computes for one unpadded sample. Its `generate` drops an all-ones attention mask, and the
+    talker only builds TMRoPE positions and adds the codec pad/bos embeddings when it receives a mask; so that
+    path runs with plain positions 0, 1, 2, ... and without the two codec embeddings. Default (False): the
+    talker as designed (and as transformers runs it when a mask reaches it, e.g. a left-padded batch).
+    """
+
+    @torch.no_grad()
+    def __init__(self, talker: Talker25, prompt: TalkerPrompt, text_eos_embed: torch.Tensor,
+                 text_pad_embed: torch.Tensor, *, params: SamplingParams = TALKER_SAMPLING, max_new_tokens: int = 4096,
+                 generator: torch.Generator | None = None, stop_ids: Iterable[int] | None = None,
+                 hf524_batch1: bool = False):
+        c = talker.cfg
+        self.t, self.params, self.max_new_tokens, self.generator = talker, params, max_new_tokens, generator
+        self.text_eos, self.text_pad = text_eos_embed, text_pad_embed
+        codec = talker.model.embed_tokens
         dev = codec.weight.device
-        stop = set(stop_ids if stop_ids is not None else (c.tts_codec_pad_token_id, c.tts_codec_end_token_id))
+        self.stop = set(stop_ids if stop_ids is not None else (c.tts_codec_pad_token_id, c.tts_codec_end_token_id))
         ids = lambda *t: torch.tensor(t, device=dev)  # noqa: E731
         embeds = prompt.embeds.to(codec.weight).clone()
         if not hf524_batch1:
             embeds[:, -1] += codec(ids(c.tts_codec_start_token_id))
             embeds[:, -2] += codec(ids(c.tts_codec_pad_token_id))
         L = embeds.shape[1]
-        cache = KVCache(c.num_hidden_layers, 1, L + max_new_tokens, c.num_key_value_heads, c.head_dim,
-                        codec.weight.dtype, dev)
+        self.cache = KVCache(c.num_hidden_layers, 1, L + max_new_tokens, c.num_key_value_heads, c.head_dim,
+                             codec.weight.dtype, dev)
         # positions None = the cache slots, the same on all three axes
-        position = (lambda: None) if hf524_batch1 else (
-            lambda: decode_positions(cache.lengths, prompt.rope_deltas.to(dev)))
-        logits = self(embeds, None if hf524_batch1 else prompt.positions.to(dev), cache)[:, -1]
-        seen = prompt.codec_ids.to(dev)
-        replies, text_done = iter(replies), False
-        for step in range(max_new_tokens):
-            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-            logits[:, c.tts_codec_start_token_id] = float("-inf")  # suppress_tokens=[codec_bos]
-            code = sample(logits, params, generator)  # (1,)
-            if int(code) in stop:
-                return
-            yield int(code)
-            if step == max_new_tokens - 1:
-                return
-            seen = torch.cat([seen, code[:, None].to(dev)], dim=1)
-            reply = None if text_done else next(replies, None)
-            if reply is None:  # the reply text is over: tts_text_eos once, then tts_text_pad
-                reply, text_done = (text_pad_embed if text_done else text_eos_embed), True
-            x = codec(code[:, None].to(dev)) + reply.to(codec.weight)
-            logits = self(x, position(), cache)[:, -1]
+        self.position = (lambda: None) if hf524_batch1 else (
+            lambda: decode_positions(self.cache.lengths, prompt.rope_deltas.to(dev)))
+        self.logits = talker(embeds, None if hf524_batch1 else prompt.positions.to(dev), self.cache)[:, -1]
+        self.seen = prompt.codec_ids.to(dev)  # repetition-penalty context
+        self.replies: deque[torch.Tensor] = deque()
+        self.finished = self.text_done = self.done = False
+        self.step = 0  # codes yielded
+        self.code: torch.Tensor | None = None  # the last code, waiting for its reply part to be fed back
+
+    def push(self, reply: torch.Tensor) -> None:
+        """The reply part (1, 1, E) of the thinker's next fed token (`Talker25.reply_input`)."""
+        self.replies.append(reply)
+
+    def finish(self) -> None:
+        """The thinker is done: tts_text_eos comes next, then tts_text_pad."""
+        self.finished = True
+
+    @torch.no_grad()
+    def codes(self) -> Iterator[int]:
+        c, codec = self.t.cfg, self.t.model.embed_tokens
+        while not self.done:
+            if self.code is None:
+                logits = apply_repetition_penalty(self.logits, self.seen, self.params.repetition_penalty)
+                logits[:, c.tts_codec_start_token_id] = float("-inf")  # suppress_tokens=[codec_bos]
+                code = sample(logits, self.params, self.generator)  # (1,)
+                if int(code) in self.stop:
+                    self.done = True
+                    return
+                self.step += 1
+                self.done = self.step >= self.max_new_tokens
+                yield int(code)
+                if self.done:
+                    return
+                self.seen = torch.cat([self.seen, code[:, None].to(self.seen.device)], dim=1)
+                self.code = code
+            if self.text_done:
+                reply = self.text_pad
+            elif self.replies:
+                reply = self.replies.popleft()
+            elif self.finished:  # the reply text is over: tts_text_eos once, then tts_text_pad
+                reply, self.text_done = self.text_eos, True
+            else:
+                return  # ahead of the thinker: wait for its next token
+            x = codec(self.code[:, None].to(codec.weight.device)) + reply.to(codec.weight)
+            self.logits = self.t(x, self.position(), self.cache)[:, -1]
+            self.code = None
 
 
 class ThinkerTap:

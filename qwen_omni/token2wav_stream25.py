@@ -185,37 +185,58 @@ class _Windowed:
 
 
 @torch.no_grad()
-def stream(t2w: Token2Wav25, codes: Iterable[int], cond: torch.Tensor, ref_mel: torch.Tensor, *,
-           noise: FrameNoise | torch.Tensor | torch.Generator | None = None, num_steps: int = 10,
-           guidance_scale: float = 0.5, sway_coefficient: float | None = -1.0, exact: bool = True,
-           dit_chunk_blocks: int = 1, chunk_codes: int = 48, left_codes: int = 24, right_codes: int = 24,
-           vocoder_chunk_frames: int = 48) -> Iterator[torch.Tensor]:
+def stream(t2w: Token2Wav25, codes: Iterable[int], cond: torch.Tensor, ref_mel: torch.Tensor, **kw
+           ) -> Iterator[torch.Tensor]:
     """Yield 1-D float32 CPU waveform chunks at 24 kHz while pulling codes from `codes` (ints, EOS excluded).
 
-    cond (1, enc_emb_dim), ref_mel (1, T_ref, mel): the speaker. exact=True: equal to `t2w(codes, noise=...)`
-    (see module docstring for the latency); exact=False: windowed, `chunk_codes` per window with
-    `left_codes` / `right_codes` of context. dit_chunk_blocks: exact mode runs an evaluation once it can finalise
-    this many blocks (1 = lowest latency; larger = fewer, wider windows). The concatenated chunks have
-    len(codes) * samples_per_code samples.
+    cond (1, enc_emb_dim), ref_mel (1, T_ref, mel): the speaker. Keyword arguments: `WaveStream25`. The
+    concatenated chunks have len(codes) * samples_per_code samples.
     """
-    if not isinstance(noise, FrameNoise):
-        noise = FrameNoise(noise, t2w.cfg.dit.mel_dim)
-    frames = _Frames(t2w, cond, ref_mel, guidance_scale, noise)
-    grid = time_grid(num_steps, sway_coefficient, frames.dev)
-    sampler = (_Wavefront(t2w, frames, grid, guidance_scale, dit_chunk_blocks) if exact else
-               _Windowed(t2w, frames, grid, guidance_scale, chunk_codes, left_codes, right_codes))
-    vocoder = _Vocoder(t2w, vocoder_chunk_frames)
-
-    def pump(final: bool) -> Iterator[torch.Tensor]:
-        mel = sampler.advance(final)
-        if mel is not None:
-            vocoder.push(mel)
-        wav = vocoder.pull(final)
-        if wav is not None and wav.numel():
-            yield wav
-
+    s = WaveStream25(t2w, cond, ref_mel, **kw)
     for code in codes:
-        frames.add([int(code)])
-        yield from pump(False)
-    if frames.total:
-        yield from pump(True)
+        yield from s.push([int(code)])
+    yield from s.finish()
+
+
+class WaveStream25:
+    """Push-style token2wav stream: `push(codes)` as the talker makes them, `finish()` after the last.
+
+    exact=True: equal to `t2w(codes, noise=...)` (see module docstring for the latency); exact=False: windowed,
+    `chunk_codes` per window with `left_codes` / `right_codes` of context. dit_chunk_blocks: exact mode runs an
+    evaluation once it can finalise this many blocks (1 = lowest latency; larger = fewer, wider windows).
+    vocoder_chunk_frames: the fewest new mel frames worth a BigVGAN call (its context comes on top).
+    """
+
+    @torch.no_grad()
+    def __init__(self, t2w: Token2Wav25, cond: torch.Tensor, ref_mel: torch.Tensor, *,
+                 noise: FrameNoise | torch.Tensor | torch.Generator | None = None, num_steps: int = 10,
+                 guidance_scale: float = 0.5, sway_coefficient: float | None = -1.0, exact: bool = True,
+                 dit_chunk_blocks: int = 1, chunk_codes: int = 48, left_codes: int = 24, right_codes: int = 24,
+                 vocoder_chunk_frames: int = 48):
+        if not isinstance(noise, FrameNoise):
+            noise = FrameNoise(noise, t2w.cfg.dit.mel_dim)
+        self.frames = _Frames(t2w, cond, ref_mel, guidance_scale, noise)
+        grid = time_grid(num_steps, sway_coefficient, self.frames.dev)
+        self.sampler = (_Wavefront(t2w, self.frames, grid, guidance_scale, dit_chunk_blocks) if exact else
+                        _Windowed(t2w, self.frames, grid, guidance_scale, chunk_codes, left_codes, right_codes))
+        self.vocoder = _Vocoder(t2w, vocoder_chunk_frames)
+
+    @torch.no_grad()
+    def push(self, codes: Iterable[int]) -> list[torch.Tensor]:
+        """Add codes (one at a time internally, so chunking never depends on how callers batch them)."""
+        out = []
+        for code in codes:
+            self.frames.add([int(code)])
+            out.extend(self._pump(False))
+        return out
+
+    @torch.no_grad()
+    def finish(self) -> list[torch.Tensor]:
+        return self._pump(True) if self.frames.total else []
+
+    def _pump(self, final: bool) -> list[torch.Tensor]:
+        mel = self.sampler.advance(final)
+        if mel is not None:
+            self.vocoder.push(mel)
+        wav = self.vocoder.pull(final)
+        return [wav] if wav is not None and wav.numel() else []
