@@ -52,18 +52,25 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 
 
 def load(model: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-         ) -> "Assistant":
-    """Load a checkpoint (local directory or Hub id; default: the embedded model in assets/)."""
+         speech: bool | str = "lazy") -> "Assistant":
+    """Load a checkpoint (local directory or Hub id; default: the embedded model in assets/).
+
+    speech: "lazy" (default) loads a full Omni checkpoint's talker and vocoder when a spoken reply is first asked
+    for; True loads them now; False disables spoken replies (see speech.py).
+    """
     from .loader import resolve_checkpoint
 
     path = resolve_checkpoint(model if model is not None else DEFAULT_MODEL)
     dev = pick_device(device)
     net, kind = build_model(path, pick_dtype(dtype, dev), dev)
-    return Assistant(net, Tokenizer.from_dir(path), path, kind, build_processor(path, net))
+    return Assistant(net, Tokenizer.from_dir(path), path, kind, build_processor(path, net), speech=speech)
 
 
 class Assistant:
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, path: Path, kind: str, processor=None):
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, path: Path, kind: str, processor=None,
+                 speech: bool | str = "lazy"):
+        from .speech import Speech
+
         self.model, self.tokenizer, self.path, self.kind = model, tokenizer, path, kind
         self.processor = processor  # media -> tensors for Omni thinkers; None for text-only models
         self.device = next(model.parameters()).device
@@ -72,6 +79,7 @@ class Assistant:
         self.stop_ids = self._stop_ids()
         self.prefix_cache = PrefixCache(capacity=4)
         self.lock = threading.Lock()  # one generation at a time per model (the server batches instead)
+        self.speech = Speech(self, speech)  # spoken replies: talker/vocoder loaded on first use
 
     # ---- what the model sees ------------------------------------------------------------------------------
     def prepare(self, messages: list[dict], add_generation_prompt: bool = True, **options: Any) -> dict:
@@ -90,16 +98,21 @@ class Assistant:
         """Reply to `messages`; with stream=True an iterator of text pieces as they are produced.
 
         speech=True also speaks the reply (float32 mono 24 kHz numpy chunks): streamed, the iterator yields
-        text pieces (str) and audio chunks (np.ndarray) interleaved, the first audio as soon as the first
-        sentence is complete; not streamed, the result is (text, audio). `stats`, when given, is filled with
-        token counts, timings, reuse information and, with speech, time to first audio and real-time factor.
+        text pieces (str) and audio chunks (np.ndarray) interleaved as they are ready; not streamed, the result
+        is (text, audio). Full Omni checkpoints speak with their talker (`voice` from `self.speech.voices`), other
+        models with the offline voice, whose first audio comes once the first sentence is complete (speech.py).
+        `stats`, when given, is filled with token counts, timings, reuse information and, with speech, time to
+        first audio and real-time factor.
         """
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         stats = stats if stats is not None else {}
         start = time.perf_counter()
-        pieces = self._stream(messages, max_new_tokens, params, seed, stats, options)
         if speech:
-            pieces = speak(pieces, voice, stats, start)
+            pieces = self.speech.reply(
+                lambda msgs, tap: self._stream(msgs, max_new_tokens, params, seed, stats, options, tap=tap),
+                messages, voice, stats, start, seed)
+        else:
+            pieces = self._stream(messages, max_new_tokens, params, seed, stats, options)
         if stream:
             return pieces
         if not speech:
@@ -109,7 +122,9 @@ class Assistant:
         return ("".join(p for p in parts if isinstance(p, str)),
                 np.concatenate(audio) if audio else np.zeros(0, np.float32))
 
-    def _stream(self, messages, max_new_tokens, params, seed, stats, options) -> Iterator[str]:
+    def _stream(self, messages, max_new_tokens, params, seed, stats, options, tap=None) -> Iterator[str]:
+        """Text pieces of the reply. tap: a `speech_tap.ThinkerRecorder` that watches the thinker for the talker
+        (it may refuse a reused prefix whose hidden states it lacks; it keeps its rows with the cached state)."""
         t0 = time.perf_counter()
         inputs = self.prepare(messages, **options)
         stats["prepare_time"] = time.perf_counter() - t0  # media decoding + features + template
@@ -122,7 +137,10 @@ class Assistant:
         budget = min(max_new_tokens, self.context_window - n)
         with self.lock:
             key = inputs.get("cache_key") or ids[0].tolist()
-            cache, reused, _ = self.prefix_cache.take(key)
+            cache, reused, extra = self.prefix_cache.take(key)
+            if tap is not None and cache is not None:
+                reused = tap.reusable(extra, reused)
+                cache.truncate(reused)
             if cache is None or cache.max_len < n + budget:
                 old, cache = cache, self.model.new_cache(1, n + budget)
                 reused = copy_prefix(old, cache, reused) if old is not None else 0
@@ -136,6 +154,8 @@ class Assistant:
                 return self.model.prefill(inputs, cache, start=reused)
 
             try:
+                if tap is not None:
+                    tap.begin(inputs, extra, reused)
                 for tok in generate(prefill, lambda t: self.model.decode_step(t, cache), context_ids=ids,
                                     max_new_tokens=budget, stop_ids=self.stop_ids, params=params, generator=gen):
                     if ttft is None:
@@ -151,7 +171,7 @@ class Assistant:
                 # keep the state for the next turn: the prompt plus what was generated and is in the cache
                 held = list(key) + out[:-1]
                 cache.truncate(len(held))
-                self.prefix_cache.put(held, cache)
+                self.prefix_cache.put(held, cache, tap.end(len(held)) if tap is not None else None)
                 dt = time.perf_counter() - t0
                 stats.update(completion_tokens=len(out), time_to_first_token=ttft, total_time=dt,
                              tokens_per_second=(len(out) - 1) / (dt - ttft) if ttft and len(out) > 1 and dt > ttft

@@ -72,6 +72,7 @@ class Settings:
     backend: str = "local"  # "openai": answer through an OpenAI-compatible server (qwen_omni/remote.py)
     base_url: str | None = None
     api_key: str | None = None
+    max_audio_seconds: float | None = None  # cap on one spoken reply (talker steps); None: the reference's
 
 
 def _flag(value: str | None) -> bool:
@@ -104,6 +105,8 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
                    help="openai: answer through an OpenAI-compatible server at --base-url (vLLM, qwen_omni serve)")
     p.add_argument("--base-url", default=pick("QWEN_OMNI_BASE_URL"), help="e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key", default=pick("QWEN_OMNI_API_KEY", "OPENAI_API_KEY"), help="the server's key")
+    p.add_argument("--max-audio-seconds", type=float, default=pick("QWEN_OMNI_MAX_AUDIO_SECONDS"),
+                   help="longest spoken reply a talker may produce (default: the reference's 4096 talker steps)")
     a = p.parse_args(argv)
     for name in ("max_new_tokens", "concurrency", "queue_size"):
         if getattr(a, name) < 1:
@@ -111,7 +114,7 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     if a.backend == "openai" and not a.base_url:
         p.error("--backend openai needs --base-url")
     return Settings(a.model, a.device, a.dtype, a.host, a.port, a.share, a.inbrowser, a.max_new_tokens,
-                    a.concurrency, a.queue_size, a.backend, a.base_url, a.api_key)
+                    a.concurrency, a.queue_size, a.backend, a.base_url, a.api_key, a.max_audio_seconds)
 
 
 def load_assistant(settings: Settings):
@@ -126,7 +129,9 @@ def load_assistant(settings: Settings):
         raise CheckpointError(
             f"the default model ({DEFAULT_MODEL.relative_to(ROOT)}) is not in this checkout; pass --model PATH "
             f"(a checkpoint directory or a Hub id such as Qwen/Qwen2.5-Omni-3B) or set QWEN_OMNI_MODEL")
-    return load(settings.model, device=settings.device, dtype=settings.dtype)
+    assistant = load(settings.model, device=settings.device, dtype=settings.dtype)
+    assistant.speech.max_audio_seconds = settings.max_audio_seconds
+    return assistant
 
 
 def queue_options(settings: Settings) -> dict:
@@ -182,7 +187,20 @@ def stats_line(stats: dict) -> str:
         parts.append(f"{stats['prompt_tokens']} in{reused} → {stats.get('completion_tokens', 0)} out")
     if stats.get("encode_time") is not None:
         parts.append(f"media encode {stats['encode_time']:.2f} s")
+    if stats.get("time_to_first_audio") is not None:
+        parts.append(f"first audio {stats['time_to_first_audio']:.2f} s")
+    if stats.get("real_time_factor") is not None:  # speech compute time / speech duration (< 1: faster than real time)
+        parts.append(f"RTF {stats['real_time_factor']:.2f}")
     return STATS_TAG + " · ".join(parts) + "</sub>"
+
+
+# ------------------------------------------------------------------------------------------------ speech
+
+def voice_choices(assistant) -> list[str]:
+    """Voices a spoken reply can use (first = default): the talker's for full Omni checkpoints, the offline voice's
+    for other local models, none for a remote backend or a model loaded with speech=False."""
+    speech = getattr(assistant, "speech", None)
+    return list(speech.voices) if speech is not None else []
 
 
 # ------------------------------------------------------------------------------------------------ uploads
@@ -336,23 +354,33 @@ class Sampling:
     max_new_tokens: int = 512
     seed: int | None = None
     use_audio_in_video: bool = True
+    speak: bool = False  # also speak the reply (see qwen_omni/speech.py)
+    voice: str = "default"
 
 
 class ChatSession:
-    """Streams replies into a Gradio history; yields (history, warning or None) after every change."""
+    """Streams replies into a Gradio history; yields (history, warning or None) after every change.
+
+    with_audio=True: yields (history, warning, audio) instead, audio being a WAV chunk (bytes) of the spoken reply
+    when `Sampling.speak` produced one since the last step, else None.
+    """
 
     def __init__(self, assistant, max_new_tokens: int = 1024):
         self.assistant, self.max_new_tokens = assistant, max_new_tokens
 
     def submit(self, message: dict | None, history: list[dict], system_prompt: str, sampling: Sampling,
-               extra_files: list[str] = ()) -> Iterator[tuple[list[dict], str | None]]:
+               extra_files: list[str] = (), with_audio: bool = False) -> Iterator[tuple]:
+        steps = self._submit(message, history, system_prompt, sampling, extra_files)
+        return steps if with_audio else _text_only(steps)
+
+    def _submit(self, message, history, system_prompt, sampling, extra_files) -> Iterator[tuple]:
         message = message or {}
         text = (message.get("text") or "").strip()
         files = [f for f in list(message.get("files") or []) + list(extra_files) if f]
         files = [f.get("path") if isinstance(f, dict) else f for f in files]
         history = list(history or [])
         if not text and not files:
-            yield history, "Type a question or attach an image, audio or video first."
+            yield history, "Type a question or attach an image, audio or video first.", None
             return
         history.append(user_message(text, files))
         try:
@@ -361,45 +389,66 @@ class ChatSession:
             for f in files:
                 validate_upload(f)
         except InputError as e:
-            yield [*history, error_message(str(e))], str(e)
+            yield [*history, error_message(str(e))], str(e), None
             return
-        yield from self.reply(history, system_prompt, sampling)
+        yield from self.reply(history, system_prompt, sampling, with_audio=True)
 
-    def regenerate(self, history: list[dict], system_prompt: str, sampling: Sampling
-                   ) -> Iterator[tuple[list[dict], str | None]]:
+    def regenerate(self, history: list[dict], system_prompt: str, sampling: Sampling, with_audio: bool = False
+                   ) -> Iterator[tuple]:
         before, turn = split_last_turn(history or [])
         if not turn:
-            yield list(history or []), "There is no question to answer again yet."
-            return
-        yield from self.reply(before + turn, system_prompt, sampling)
+            step = (list(history or []), "There is no question to answer again yet.", None)
+            return iter([step if with_audio else step[:2]])
+        return self.reply(before + turn, system_prompt, sampling, with_audio)
 
-    def reply(self, history: list[dict], system_prompt: str, sampling: Sampling
-              ) -> Iterator[tuple[list[dict], str | None]]:
+    def reply(self, history: list[dict], system_prompt: str, sampling: Sampling, with_audio: bool = False
+              ) -> Iterator[tuple]:
         """Stream the assistant's answer to the conversation in `history` (which ends with a user turn)."""
+        steps = self._reply(history, system_prompt, sampling)
+        return steps if with_audio else _text_only(steps)
+
+    def _reply(self, history: list[dict], system_prompt: str, sampling: Sampling) -> Iterator[tuple]:
         stats: dict = {}
         text, answer = "", None
-        yield history, None  # show the user's turn (and the pending indicator) before the first token
+        yield history, None, None  # show the user's turn (and the pending indicator) before the first token
         stream = None
         try:
             messages = history_to_messages(history, system_prompt)
             seed = None if sampling.seed is None or sampling.seed < 0 else int(sampling.seed)
+            from .voice import wav_bytes
+
+            speech = {"speech": True, "voice": sampling.voice or "default"} if sampling.speak else {}
             stream = self.assistant.chat(
                 messages, max_new_tokens=max(1, min(int(sampling.max_new_tokens), self.max_new_tokens)),
                 temperature=float(sampling.temperature), top_p=float(sampling.top_p), top_k=int(sampling.top_k),
-                seed=seed, stream=True, stats=stats, use_audio_in_video=bool(sampling.use_audio_in_video))
+                seed=seed, stream=True, stats=stats, use_audio_in_video=bool(sampling.use_audio_in_video), **speech)
             for piece in stream:
+                if not isinstance(piece, str):  # an audio chunk of the spoken reply
+                    if piece.size:
+                        yield [*history, answer] if answer else history, None, wav_bytes(piece)
+                    continue
                 text += piece
                 answer = {"role": "assistant", "content": text}
-                yield [*history, answer], None
+                yield [*history, answer], None, None
             answer = {"role": "assistant", "content": f"{text}\n\n{stats_line(stats)}"}
-            yield [*history, answer], None
+            yield [*history, answer], None, None
         except (QwenOmniError, ValueError) as e:
-            yield [*history, *([answer] if answer else []), error_message(str(e))], str(e)
+            yield [*history, *([answer] if answer else []), error_message(str(e))], str(e), None
         except Exception:  # noqa: BLE001 - a bug: keep the trace in the server log, not in the browser
             log.exception("reply failed")
-            yield [*history, *([answer] if answer else []), error_message(GENERIC_ERROR)], GENERIC_ERROR
+            yield [*history, *([answer] if answer else []), error_message(GENERIC_ERROR)], GENERIC_ERROR, None
         finally:
             # Stop closes this generator; close the library's stream too so its lock and KV state are released
             # now rather than whenever the garbage collector gets to it.
             if stream is not None:
                 stream.close()
+
+
+def _text_only(steps: Iterator[tuple]) -> Iterator[tuple[list[dict], str | None]]:
+    """(history, warning) steps for callers without a player: audio-only steps are dropped."""
+    try:
+        for history, warning, audio in steps:
+            if audio is None:
+                yield history, warning
+    finally:
+        steps.close()  # Stop closes this generator: close the reply (and the library stream) with it

@@ -57,6 +57,29 @@ def synthesize(text: str, voice: str = "default", speed: int = 165) -> np.ndarra
     return resample(pcm.astype(np.float32) / 32768.0, rate, SAMPLE_RATE)
 
 
+def wav_bytes(audio: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+    """float32 mono in [-1, 1] -> a 16-bit PCM WAV file in memory (e.g. one streamed chunk for a browser player;
+    Gradio peak-normalises numpy chunks one by one, which would change the loudness from chunk to chunk)."""
+    pcm = (np.clip(np.asarray(audio, dtype=np.float32), -1, 1) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+def join_wav(chunks: list[bytes]) -> bytes:
+    """Several `wav_bytes` chunks (same format) as one WAV file."""
+    frames, rate = [], SAMPLE_RATE
+    for c in chunks:
+        with wave.open(io.BytesIO(c)) as w:
+            rate = w.getframerate()
+            frames.append(w.readframes(w.getnframes()))
+    return wav_bytes(np.frombuffer(b"".join(frames), dtype="<i2").astype(np.float32) / 32767, rate)
+
+
 class SentenceSpeaker:
     """Accumulates streamed text and returns audio for each completed sentence."""
 
