@@ -4,6 +4,10 @@
 Thin by design: this file only lays out Gradio widgets and wires events; settings, upload checks, history
 conversion, streaming and error wording live in `qwen_omni/chat_session.py` (which never imports gradio).
 
+Speech: with "Speak replies" on, the reply is also spoken (the checkpoint's talker for full Omni models, the
+offline voice otherwise; voices from the loaded model) and its audio chunks stream into an autoplaying player
+while the text is still being written.
+
 Events: submit and regenerate are generator callbacks, so tokens stream into the chat as they are produced;
 Stop cancels them (Gradio closes the generator, which closes the library stream and frees the model at once).
 Undo and Clear skip the queue so they answer even while other tabs wait for a reply. Every flag can also be
@@ -12,6 +16,7 @@ given as an environment variable (QWEN_OMNI_MODEL, ..., GRADIO_SERVER_NAME/GRADI
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 
 import gradio as gr
@@ -19,31 +24,44 @@ import gradio as gr
 from qwen_omni import QwenOmniError
 from qwen_omni import chat_session as cs
 
+STREAM_AUDIO = shutil.which("ffmpeg") is not None  # Gradio encodes a streamed player's chunks with ffmpeg
 CSS = "#qo-actions button {min-width: fit-content !important}  /* no clipped labels on a phone */"
 
 
 def build_demo(assistant, settings: cs.Settings) -> gr.Blocks:
     session = cs.ChatSession(assistant, max_new_tokens=settings.max_new_tokens)
 
+    voices = cs.voice_choices(assistant)
+
     def stream(steps):
-        """Each (history, warning) step as (history, is_first_step), raising the warning as a toast."""
-        for i, (history, warning) in enumerate(steps):
+        """Each (history, warning, audio) step as (history, is_first_step, audio), the warning as a toast."""
+        held = []
+        for i, (history, warning, audio) in enumerate(steps):
             if warning:
                 gr.Warning(warning)
-            yield history, i == 0
+            if audio is not None and not STREAM_AUDIO:
+                held.append(audio)
+                audio = None
+            # an audio chunk goes to the streaming player; text-only steps leave the player alone
+            yield history, i == 0, (audio if audio is not None else gr.skip())
+        if held:  # no ffmpeg: the player gets the whole spoken reply at the end
+            from qwen_omni.voice import join_wav
+
+            yield gr.skip(), False, join_wav(held)
 
     @cs.on_gpu
-    def submit(message, cam_image, cam_video, history, system, temperature, top_p, top_k, max_new, seed, av):
-        sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, av)
+    def submit(message, cam_image, cam_video, history, system, temperature, top_p, top_k, max_new, seed, av,
+               speak=False, voice="default"):
+        sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, av, bool(speak), voice)
         extra = [f for f in (cam_image, cam_video) if f]
-        for history, first in stream(session.submit(message, history, system, sampling, extra)):
+        for history, first, audio in stream(session.submit(message, history, system, sampling, extra, True)):
             # the input box and camera are emptied once, so typing during the stream is not wiped
-            yield (history, *((gr.MultimodalTextbox(value=None), None, None) if first else (gr.skip(),) * 3))
+            yield (history, *((gr.MultimodalTextbox(value=None), None, None) if first else (gr.skip(),) * 3), audio)
 
     @cs.on_gpu
-    def regenerate(history, system, temperature, top_p, top_k, max_new, seed, av):
-        sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, av)
-        yield from (h for h, _ in stream(session.regenerate(history, system, sampling)))
+    def regenerate(history, system, temperature, top_p, top_k, max_new, seed, av, speak=False, voice="default"):
+        sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, av, bool(speak), voice)
+        yield from ((h, a) for h, _, a in stream(session.regenerate(history, system, sampling, True)))
 
     def undo(history):
         history, message = cs.undo(history)
@@ -85,13 +103,20 @@ def build_demo(assistant, settings: cs.Settings) -> gr.Blocks:
                                         step=1, label="Max new tokens")
                     seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
                 av = gr.Checkbox(value=True, label="Use the audio track of videos")
+                with gr.Group(visible=bool(voices)):
+                    speak = gr.Checkbox(value=False, label="Speak replies", elem_id="qo-speak")
+                    voice = gr.Dropdown(voices or ["default"], value=(voices or ["default"])[0], label="Voice",
+                                        elem_id="qo-voice")
+                    player = gr.Audio(label="Spoken reply", streaming=STREAM_AUDIO, autoplay=True,
+                                      interactive=False, elem_id="qo-player")
                 with gr.Accordion("Model card", open=False):
                     gr.Markdown(cs.model_card(assistant))
 
-        knobs = [system, temperature, top_p, top_k, max_new, seed, av]
+        knobs = [system, temperature, top_p, top_k, max_new, seed, av, speak, voice]
         submit_evt = textbox.submit(submit, [textbox, cam_image, cam_video, chatbot, *knobs],
-                                    [chatbot, textbox, cam_image, cam_video], api_name="chat", show_progress="hidden")
-        regen_evt = regen_btn.click(regenerate, [chatbot, *knobs], [chatbot], api_name="regenerate",
+                                    [chatbot, textbox, cam_image, cam_video, player], api_name="chat",
+                                    show_progress="hidden")
+        regen_evt = regen_btn.click(regenerate, [chatbot, *knobs], [chatbot, player], api_name="regenerate",
                                     show_progress="hidden")
         running = [submit_evt, regen_evt]
         stop_btn.click(None, cancels=running, queue=False, api_name=False)

@@ -292,3 +292,99 @@ def test_browser_streams_and_fits_a_phone(server, tmp_path):
             phone.screenshot(path=str(tmp_path / "phone.png"))
         finally:
             browser.close()
+
+
+# ------------------------------------------------------------------------------------------ spoken replies
+
+SPEECH_QUESTION = "what is in this picture? describe the image."  # this checkpoint answers it at length
+
+
+@pytest.fixture(scope="module")
+def speech_server(tmp_path_factory):
+    """The app on a tiny full Qwen3-Omni checkpoint: thinker, talker and Code2Wav (tests/tiny_speech.py). A random
+    talker never says EOS, so spoken replies are capped at 2 s with the app's own --max-audio-seconds."""
+    import app
+    from tests.tiny_speech import make_qwen3_full
+
+    ckpt = tmp_path_factory.mktemp("tiny-omni-speech")
+    make_qwen3_full(ckpt, seed=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = app.main(["--model", str(ckpt), "--port", str(port), "--max-new-tokens", "24", "--max-audio-seconds", "2"],
+                    block=False)
+    yield {"url": f"http://127.0.0.1:{port}/"}
+    demo.close()
+
+
+def decode_audio(data: bytes) -> tuple[float, float]:
+    """(seconds, RMS) of an encoded audio file (the player's AAC stream)."""
+    import io
+
+    import av
+    import numpy as np
+
+    with av.open(io.BytesIO(data)) as f:
+        frames = [fr.to_ndarray().astype(np.float32).reshape(-1) for fr in f.decode(audio=0)]
+        rate = f.streams.audio[0].rate
+    pcm = np.concatenate(frames) if frames else np.zeros(0, np.float32)
+    return pcm.size / rate, float(np.sqrt((pcm ** 2).mean())) if pcm.size else 0.0
+
+
+def test_spoken_reply_through_the_api(speech_server):
+    """Companion to the browser test, through gradio_client: the player's value is an HLS playlist that grows while
+    the reply is written (the first segment arrives before the reply's stats footer) and ends > 0.3 s long."""
+    import re
+
+    from gradio_client import Client
+
+    client = Client(speech_server["url"], verbose=False)
+    job = client.submit({"text": SPEECH_QUESTION, "files": []}, None, None, [], "", 0.0, 1.0, 0, 24, 0, True, True,
+                        "Aiden", api_name="/chat")
+    history = job.result(timeout=60)[0]
+    assert "first audio" in last_text(history) and "RTF" in last_text(history)
+    steps = job.outputs()
+    audio_at = [i for i, o in enumerate(steps) if isinstance(o[-1], str) and o[-1].endswith(".m3u8")]
+    assert audio_at and audio_at[0] < len(steps) - 1
+    assert "first audio" not in last_text(steps[audio_at[0]][0])  # heard while the reply was still being written
+    playlist = Path(steps[audio_at[-1]][-1]).read_text()
+    seconds = sum(float(x) for x in re.findall(r"#EXTINF:([0-9.]+)", playlist))
+    assert seconds > 0.3 and "#EXT-X-ENDLIST" in playlist, playlist
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's Chromium: apt-get install -y chromium")
+def test_browser_hears_the_spoken_reply(speech_server):
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=[*CHROMIUM_ARGS, "--autoplay-policy=no-user-gesture-required"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(speech_server["url"])
+            box = page.locator("#qo-input textarea")
+            box.wait_for(state="visible", timeout=10000)
+            assert page.locator("#qo-voice input").input_value() == "Ethan"  # the model's voices, its default first
+            page.get_by_label("Temperature (0 = greedy)").first.fill("0")
+            page.locator("#qo-speak input").check()
+            box.fill(SPEECH_QUESTION)
+            box.press("Enter")
+            reply = page.locator('#qo-chat [data-testid="bot"]').last
+            player = page.locator("#qo-player audio")
+            deadline = time.monotonic() + 60
+            state = {}
+            while time.monotonic() < deadline:
+                text = reply.inner_text() if reply.count() else ""
+                state = player.evaluate("a => ({src: a.currentSrc, dur: a.duration, t: a.currentTime})") \
+                    if player.count() else {}
+                if "first audio" in text and state.get("dur", 0) > 0.3 and state.get("t", 0) > 0:
+                    break
+                time.sleep(0.1)
+            assert "first audio" in text and "RTF" in text, text
+            assert state.get("src") and state["dur"] > 0.3 and state["t"] > 0, state  # it has a source and plays
+            href = page.locator("#qo-player a[download]").get_attribute("href")
+            seconds, rms = decode_audio(httpx.get(href, timeout=10).content)
+            assert seconds > 0.3 and rms > 1e-3, (seconds, rms)  # what it plays is the reply, not silence
+        finally:
+            browser.close()
