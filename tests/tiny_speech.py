@@ -114,7 +114,7 @@ def make_qwen3_full(d: Path, seed: int = 0, overrides: dict | None = None):
 
 
 def make_qwen25_full(d: Path, seed: int = 0, overrides: dict | None = None):
-    """Save test_speech25's tiny full Qwen2.5-Omni checkpoint (tokenizer, spk_dict.pt); return the transformers model."""
+    """Save test_speech25's tiny full Qwen2.5-Omni checkpoint (tokenizer, spk_dict.pt); return the HF model."""
     from transformers import Qwen2_5OmniForConditionalGeneration
 
     from .test_speech25 import full_config, spread
