@@ -31,6 +31,7 @@ from torch import nn
 
 from encoders.common import RMSNorm
 
+from .bigvgan25 import SnakeBeta as BigVGANSnakeBeta
 from .moe import MLP
 from .rope import Rotary, apply_rotary
 from .speech_config import Code2WavConfig
@@ -76,17 +77,9 @@ class CausalTransConv(nn.Module):
         return max(0, (n - 1) * self.stride + self.kernel - 2 * self.trim)
 
 
-class SnakeBeta(nn.Module):
-    """x + sin(x * e^alpha)^2 / (e^beta + 1e-9), per channel; x (B, C, T)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.alpha = nn.Parameter(torch.zeros(channels))
-        self.beta = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        alpha, beta = self.alpha.exp()[None, :, None], self.beta.exp()[None, :, None]
-        return x + (1.0 / (beta + 1e-9)) * torch.sin(x * alpha).pow(2)
+class SnakeBeta(BigVGANSnakeBeta):
+    """The BigVGAN activation (pointwise), plus the receptive-field arithmetic the streaming decoder asks of
+    every layer."""
 
     def first_input(self, t: int) -> int:
         return t

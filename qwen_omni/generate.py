@@ -45,3 +45,18 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     else:
         g.manual_seed(seed)
     return g
+
+
+def pull_stream(stream, items: Iterable, produce: Callable[[], Iterable], push: Callable) -> Iterator:
+    """Drive a pull-based producer (the talkers): yield what it has, feed it the next item only when it needs
+    more, and call `stream.finish()` when the items run out. Stops when `stream.done`."""
+    it = iter(items)
+    while True:
+        yield from produce()
+        if stream.done:
+            return
+        nxt = next(it, None)
+        if nxt is None:
+            stream.finish()
+        else:
+            push(nxt)

@@ -43,7 +43,7 @@ from torch import nn
 
 from .decoder import TextModel
 from .errors import InputError
-from .generate import generate
+from .generate import generate, pull_stream
 from .kv_cache import KVCache
 from .positions import RopeSpec, decode_positions, rope_index
 from .sampling import SamplingParams, apply_repetition_penalty, sample
@@ -153,16 +153,8 @@ class Talker25(nn.Module):
         replies: reply parts (1, 1, E) of generated tokens 1, 2, ... (token 0's is in the prompt); when it is
         exhausted, text_eos_embed (1, 1, E) is used once, then text_pad_embed. Keyword arguments: `TalkerStream25`.
         """
-        stream, it = TalkerStream25(self, prompt, text_eos_embed, text_pad_embed, **kw), iter(replies)
-        while True:
-            yield from stream.codes()
-            if stream.done:
-                return
-            nxt = next(it, None)
-            if nxt is None:
-                stream.finish()
-            else:
-                stream.push(nxt)
+        stream = TalkerStream25(self, prompt, text_eos_embed, text_pad_embed, **kw)
+        yield from pull_stream(stream, replies, stream.codes, stream.push)
 
 
 class TalkerStream25:

@@ -35,6 +35,7 @@ from torch import nn
 from .config import TextConfig, read_config_json
 from .decoder import TextModel
 from .errors import InputError
+from .generate import pull_stream
 from .kv_cache import KVCache
 from .loader import empty_weights, load_into, safetensors_files
 from .omni_config import ThinkerConfig
@@ -182,16 +183,8 @@ class Talker3(nn.Module):
         last, normally EOS); it is pulled only when the talker needs more text, and its end means the thinker is
         done. Keyword arguments go to `TalkerStream`.
         """
-        stream, it = TalkerStream(self, ctx, **kw), iter(text_embeds)
-        while True:
-            yield from stream.frames()
-            if stream.done:
-                return
-            nxt = next(it, None)
-            if nxt is None:
-                stream.finish()
-            else:
-                stream.push_text(nxt)
+        stream = TalkerStream(self, ctx, **kw)
+        yield from pull_stream(stream, text_embeds, stream.frames, stream.push_text)
 
     def generate_codes(self, ctx: TalkerContext, generated_embeds: torch.Tensor, **kw) -> torch.Tensor:
         """Offline: the thinker's decode-step input embeddings (n, Ht) at once -> codes (G, T)."""
