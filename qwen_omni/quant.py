@@ -128,5 +128,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
             setattr(owner, attr, Int8Experts(module))
         else:
             setattr(owner, attr, Int8Linear(module))  # a tied lm_head: its own int8 copy, the embedding stays
+    # What stays float (embedding, norms, routers) may still be a view of the checkpoint's memory map (the loader
+    # keeps safetensors' lazy mmap when no dtype conversion is needed): a private copy lets that map close, so
+    # the process does not keep every page of the float checkpoint that quantization touched (RSS).
+    for p in model.parameters():
+        p.data = p.data.clone()
     return model
 
