@@ -129,7 +129,7 @@ def test_batched_steps_reduce_loss(ckpt):
         opt.zero_grad()
         (loss + 0.01 * aux).backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.6 * losses[0], losses
 
 
@@ -199,7 +199,11 @@ def test_finetune_projectors_on_jsonl(tmp_path, ckpt):
 SLICE_FLOORS = {"colour": 90, "shape": 90, "count": 80, "position": 80, "number": 80, "beep_count": 80,
                 "pitch": 90, "spoken_word": 80, "video_direction": 80, "video_beeps": 80, "followup": 80,
                 "refusal": 90}
-SHORT_OF_TARGET: dict[str, int] = {}  # task -> floor, filled in from the model card's measured table
+# The shipped checkpoint is short of every target (model card: 21.9% overall on 50/task); floors = its slice
+# result less 20 points. Raise them to SLICE_FLOORS as better checkpoints land.
+SHORT_OF_TARGET: dict[str, int] = {"colour": 0, "shape": 0, "count": 20, "position": 0, "number": 0,
+                                   "beep_count": 10, "pitch": 30, "spoken_word": 0, "video_direction": 0,
+                                   "video_beeps": 20, "followup": 10, "refusal": 50}
 
 
 @pytest.fixture(scope="module")
