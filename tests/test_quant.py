@@ -96,6 +96,17 @@ def test_int8_model_logits_close_to_float32(float_model):
         assert rel(torch.cat(steps, 1), got) < 0.02
 
 
+def test_tied_bf16_head_stays_on_the_embedding(tmp_path):
+    """bf16 `mv` reads the tied table as fast as int8 reads a copy: no copy then (fp32 above gets one)."""
+    make_checkpoint(tmp_path, kind="qwen3", tie_word_embeddings=True)
+    net, _ = build_model(tmp_path, torch.bfloat16, torch.device("cpu"))
+    quantize_int8(net)
+    assert isinstance(net.lm_head, nn.Linear) and net.lm_head.weight is net.model.embed_tokens.weight
+    assert isinstance(net.model.layers[0].mlp.down_proj, Int8Linear)
+    with torch.no_grad():
+        assert torch.isfinite(net.decode_step(torch.tensor([3]), net.new_cache(1, 4))).all()
+
+
 # --------------------------------------------------------------------------------------- MoE single token --
 def make_moe(norm: bool, shared: int = 0, dtype=torch.float32) -> SparseMoE:
     torch.manual_seed(0)
