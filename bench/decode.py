@@ -269,13 +269,13 @@ def report(m: str, results: dict, bw: float, tmp: str) -> None:
     ref_key = ("ours", "fp32")
     if ref_key not in rows:
         return
-    ref = torch.load(f"{tmp}/{m}-ours-fp32.pt")
+    ref = torch.load(f"{tmp}/{m}-ours-fp32.pt", weights_only=True)
     print(f"accuracy vs ours fp32 (logits over the {PROMPT}-token prompt: std {ref.std():.3f}, "
           f"max |x| {ref.abs().max():.3f}; greedy agreement over {AGREE} tokens, a weak signal on random weights)")
     for (impl, label), r in rows.items():
         if (impl, label) == ref_key:
             continue
-        got = torch.load(f"{tmp}/{m}-{impl}-{label}.pt")
+        got = torch.load(f"{tmp}/{m}-{impl}-{label}.pt", weights_only=True)
         d = (got - ref).abs().max().item()
         agree = sum(a == b for a, b in zip(r["tokens"][:AGREE], rows[ref_key]["tokens"][:AGREE]))
         print(f"  {impl:<13}{label:<6} max|dlogits| {d:.4f} ({d / ref.abs().max().item():.2%} of max|logit|), "

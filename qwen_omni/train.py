@@ -270,14 +270,18 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.1) -
 
 def save_ckpt(path: Path, model, opt, step: int, stage: str, extra: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "stage": stage,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+    # Tensors, numbers, strings and tuples only, so resuming loads with weights_only=True (nothing unpickled).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "stage": stage, "rng": rng,
                 **extra}, tmp)
     os.replace(tmp, path)
 
 
 def load_ckpt(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------- the loop
@@ -383,7 +387,9 @@ def train(args) -> Path | None:
     if state is not None:
         model.load_state_dict(state["model"])
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
+        npr = state["rng"]["numpy"]
+        np.random.set_state((npr["kind"], npr["keys"].numpy().astype(np.uint32), npr["pos"], npr["has_gauss"],
+                             npr["gauss"]))
         random.setstate(state["rng"]["python"])
     n_params = tm.count_parameters(model)
     log(run, f"model {n_params}; args {vars(args)}")
