@@ -151,7 +151,12 @@ class Assistant:
             ttft = None
 
             def prefill():
-                return self.model.prefill(inputs, cache, start=reused)
+                enc0 = getattr(self.model, "encode_seconds", 0.0)
+                logits = self.model.prefill(inputs, cache, start=reused)
+                enc = getattr(self.model, "encode_seconds", 0.0) - enc0
+                if enc:  # media ran through the encoders: their time plus decoding and features (prepare)
+                    stats["encode_time"] = stats["prepare_time"] + enc
+                return logits
 
             try:
                 if tap is not None:

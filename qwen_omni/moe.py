@@ -26,7 +26,8 @@ from torch import nn
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x (..., K), weight (N, K); one bf16 CPU row goes through the GEMV kernel."""
-    if x.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and x.device.type == "cpu":
+    # Same dtypes only: under CPU autocast (training with --bf16) the weight stays fp32 and F.linear casts.
+    if x.dtype == torch.bfloat16 == weight.dtype and x.numel() == x.shape[-1] and x.device.type == "cpu":
         v = x.reshape(-1)
         y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)  # bias inside: one rounding
         return y.view(*x.shape[:-1], weight.shape[0])

@@ -312,9 +312,15 @@ def content_hash(src) -> str:
     """A short digest of a media value, so cached states are only reused for the same content."""
     h = hashlib.sha1()
     if isinstance(src, (str, Path)):
+        # The bytes, not path/mtime: a web client re-uploads the same file each turn (new copy, new mtime), and
+        # the state of the earlier turn must still be reused. sha1 runs at ~1 GB/s, small beside decoding.
         p = Path(src)
-        st = p.stat() if p.exists() else None
-        h.update(f"{p.resolve()}|{st.st_size if st else 0}|{st.st_mtime_ns if st else 0}".encode())
+        if p.is_file():
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            h.update(str(src).encode())
     elif isinstance(src, (bytes, bytearray)):
         h.update(src)
     elif isinstance(src, tuple):

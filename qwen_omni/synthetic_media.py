@@ -274,14 +274,14 @@ def _video_codec() -> str:
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
-def mp4_roundtrip(video: dict, crf: int = 28) -> dict:
-    """Encode a video dict to MP4 in memory (H.264 or MPEG-4 Part 2, yuv420p; AAC audio if present) and
-    decode it back into the same dict format. Odd frame sizes are cropped to even ones (yuv420p)."""
+def encode_mp4(video: dict, crf: int = 28) -> bytes:
+    """A video dict as MP4 bytes (H.264 or MPEG-4 Part 2, yuv420p; AAC audio if present). Odd frame sizes are
+    cropped to even ones (yuv420p)."""
     import av
     from fractions import Fraction
 
     frames = np.asarray(video["frames"])
-    t, h, w = frames.shape[0], frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+    h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
     fps = Fraction(video["fps"]).limit_denominator(1000)
     audio = video.get("audio")
     buf = io.BytesIO()
@@ -303,14 +303,21 @@ def mp4_roundtrip(video: dict, crf: int = 28) -> dict:
             for chunk in _audio_chunks(af, as_):
                 out.mux(as_.encode(chunk))
             out.mux(as_.encode())
-    buf.seek(0)
+    return buf.getvalue()
+
+
+def mp4_roundtrip(video: dict, crf: int = 28) -> dict:
+    """`encode_mp4` then decode back into the same dict format (what a user's MP4 upload goes through)."""
+    import av
+
+    audio = video.get("audio")
     dec_frames, dec_audio = [], None
-    with av.open(buf) as inp:
+    with av.open(io.BytesIO(encode_mp4(video, crf))) as inp:
         for fr in inp.decode(video=0):
             dec_frames.append(fr.to_ndarray(format="rgb24"))
         if audio is not None:
             dec_audio = _decode_audio(inp, len(audio))
-    return {"frames": np.stack(dec_frames)[:t], "fps": float(video["fps"]), "audio": dec_audio}
+    return {"frames": np.stack(dec_frames)[:len(video["frames"])], "fps": float(video["fps"]), "audio": dec_audio}
 
 
 def _audio_chunks(frame, stream):

@@ -11,6 +11,8 @@ the prompt (TMRoPE positions run ahead of or behind the token count) is kept on 
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -35,6 +37,7 @@ class Thinker(nn.Module):
         self.model = TextModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.tie_weights()
+        self.encode_seconds = 0.0  # running total of time spent in the encoders (the app shows it per reply)
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:
@@ -43,14 +46,19 @@ class Thinker(nn.Module):
     # ---- encoders -----------------------------------------------------------------------------------------
     def encode_vision(self, pixels: torch.Tensor, grid_thw: torch.Tensor):
         """-> (features (n_tokens, H), deepstack list or None) for images or videos."""
+        t0 = time.perf_counter()
         out = self.visual(pixels.to(self.lm_head.weight.dtype), grid_thw)
+        self.encode_seconds += time.perf_counter() - t0
         return out if isinstance(out, tuple) else (out, None)
 
     def encode_audio(self, input_features: torch.Tensor, feature_mask: torch.Tensor) -> torch.Tensor:
         """input_features (n, mels, T) padded + mask (n, T) -> (sum of audio tokens, H)."""
         lens = feature_mask.sum(-1).long()
         frames = input_features.transpose(1, 2)[feature_mask.bool()].T  # (mels, sum L) valid frames only
-        return self.audio_tower(frames.to(self.lm_head.weight.dtype), lens)
+        t0 = time.perf_counter()
+        out = self.audio_tower(frames.to(self.lm_head.weight.dtype), lens)
+        self.encode_seconds += time.perf_counter() - t0
+        return out
 
     # ---- forward ------------------------------------------------------------------------------------------
     def embed(self, inputs: dict, start: int = 0):

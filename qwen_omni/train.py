@@ -51,7 +51,7 @@ STAGE_A_TASKS = {"caption": 3.0, "transcript": 2.0, "chitchat": 0.3}
 # Stage (b): harder skills get more weight; captions/transcripts stay in the mix so stage (a) is not forgotten.
 STAGE_B_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 1.3, "position": 1.2, "number": 1.8, "text": 1.2,
                    "beep_count": 1.3, "pitch": 0.8, "spoken_word": 1.8, "video_direction": 1.3,
-                   "video_beeps": 1.5, "followup": 1.2, "chitchat": 0.4, "refusal": 0.6, "caption": 0.6,
+                   "video_beeps": 1.5, "followup": 1.2, "chitchat": 0.4, "refusal": 0.6, "caption": 1.0,
                    "transcript": 0.5}
 PARAM_GROUPS = {
     "all": lambda n: True,

@@ -1,12 +1,15 @@
 """The Gradio app: chat_session logic without a server, then the real app over HTTP and in a headless browser.
 
-One server per module (tiny random qwen3 checkpoint, launched through `app.main` on a free port). Decoding is
-slowed to ~30 ms/token and stop tokens are disabled so streams are long enough to observe and to Stop mid-way;
-normal turns ask for few tokens to keep the whole file well under a minute.
+The main server is the app as a user starts it: `app.main` with no --model, so the embedded assets/tiny-omni,
+on a free port. Decoding is slowed to ~30 ms/token so that streams can be observed and stopped mid-way. Every
+example in assets/examples is asked about through gradio_client, and its answer checked. Spoken replies run on
+both that server (the offline voice) and a tiny random full Qwen3-Omni checkpoint (talker + Code2Wav).
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -16,8 +19,6 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from qwen_omni import chat_session as cs  # noqa: E402
-from tests.tiny_text import make_checkpoint  # noqa: E402
-from tests.tiny_tokenizer import save_tokenizer  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -147,19 +148,20 @@ def test_unexpected_error_is_generic_and_logged(caplog):
 
 # ------------------------------------------------------------------------------------------ live server
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server():
+    """The app as users start it: `python app.py` with no --model, i.e. the embedded assets/tiny-omni."""
     import app
 
-    ckpt = tmp_path_factory.mktemp("tiny-chat")
-    make_checkpoint(ckpt, kind="qwen3")
-    save_tokenizer(ckpt)
-    calls = []
+    calls, held = [], {}
     load = cs.load_assistant
 
     def slow_load(settings):
         a = load(settings)
-        a.stop_ids = []  # always use the whole token budget, so streams have a known length
+        held["assistant"] = a
         step = a.model.decode_step
 
         def decode_step(tok, cache):
@@ -175,8 +177,10 @@ def server(tmp_path_factory):
         port = s.getsockname()[1]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cs, "load_assistant", slow_load)
-        demo = app.main(["--model", str(ckpt), "--port", str(port), "--max-new-tokens", str(MAX_NEW)], block=False)
-    yield {"url": f"http://127.0.0.1:{port}/", "calls": calls, "ready": time.monotonic()}
+        demo = app.main(["--port", str(port), "--max-new-tokens", str(MAX_NEW)], block=False)
+    a = held["assistant"]
+    assert a.path.name == "tiny-omni"
+    yield {"url": f"http://127.0.0.1:{port}/", "calls": calls, "assistant": a, "voice": cs.voice_choices(a)[0]}
     demo.close()
 
 
@@ -187,40 +191,79 @@ def client(server):
     return Client(server["url"], verbose=False)
 
 
-def ask(client, text, history=(), files=(), max_new=12):
+def ask(client, text, history=(), files=(), max_new=MAX_NEW, audio_in_video=True):
     from gradio_client import handle_file
 
     msg = {"text": text, "files": [handle_file(str(f)) for f in files]}
     # The client hands back file parts of the history as bare paths; to send them again they must be wrapped.
     history = [{**m, "content": [{**c, "file": handle_file(c["file"])} if c.get("type") == "file" else c
                                  for c in m["content"]]} for m in history]
-    return client.submit(msg, None, None, history, "", 0.0, 1.0, 0, max_new, 0, True, api_name="/chat")
+    return client.submit(msg, None, None, history, "", 0.0, 1.0, 0, max_new, 0, audio_in_video, api_name="/chat")
 
 
 def last_text(history) -> str:
     return "".join(c["text"] for c in history[-1]["content"] if c.get("type") == "text")
 
 
+def answer_of(history) -> str:
+    """The reply without its stats footer."""
+    return re.sub(r"<sub.*$", "", last_text(history), flags=re.S).strip()
+
+
+def example(name: str, question_start: str) -> dict:
+    entries = json.loads((EXAMPLES / "examples.json").read_text())
+    return next(e for e in entries if e["file"] == name and e["text"].startswith(question_start))
+
+
 def test_text_turns_stream_and_reuse(client):
-    job = ask(client, "hello world")
-    history = job.result(timeout=30)[0]
+    job = ask(client, "hi, what can you do?")
+    history = job.result(timeout=60)[0]
     texts = [last_text(o[0]) for o in job.outputs() if o[0] and o[0][-1]["role"] == "assistant"]
     assert len(texts) >= 3 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # grew piece by piece
-    assert "tokens/s" in texts[-1] and "first token" in texts[-1] and "12 out" in texts[-1]
-    history = ask(client, "how are you today?", history).result(timeout=30)[0]
+    assert "tokens/s" in texts[-1] and "first token" in texts[-1] and "media encode" not in texts[-1]
+    assert "picture" in answer_of(history) or "shape" in answer_of(history)  # it describes what it can do
+    history = ask(client, "who are you?", history).result(timeout=60)[0]
     assert [m["role"] for m in history] == ["user", "assistant"] * 2
     assert "reused)" in last_text(history)  # the first turn's KV state was reused by the library
 
 
-def test_bad_requests_show_errors_then_recover(client, tmp_path):
-    history = ask(client, "hello world " * 150).result(timeout=30)[0]
+@pytest.mark.parametrize("name,question", [("shapes.png", "What colour"), ("number.jpg", "What number"),
+                                           ("beeps.wav", "How many beeps"), ("spoken.mp3", "Which word"),
+                                           ("moving.mp4", "Which way"), ("moving.mp4", "How many beeps")])
+def test_media_questions_on_the_examples(client, name, question):
+    """Each example we ship, as a user sends it: the media is encoded and the embedded model answers it."""
+    from qwen_omni.synthetic import normalize_answer
+
+    ex = example(name, question)
+    history = ask(client, ex["text"], files=[EXAMPLES / name],
+                  audio_in_video=bool(ex.get("use_audio_in_video"))).result(timeout=60)[0]
+    assert history[-1]["role"] == "assistant" and not history[-1].get("metadata"), last_text(history)
+    assert "media encode" in last_text(history)
+    assert normalize_answer(answer_of(history)) == normalize_answer(ex["answer"]), (ex, answer_of(history))
+
+
+def test_follow_up_reuses_the_image(client):
+    ex = example("shapes.png", "What colour")
+    history = ask(client, ex["text"], files=[EXAMPLES / "shapes.png"]).result(timeout=60)[0]
+    first = last_text(history)
+    history = ask(client, "and what shape is it?", history).result(timeout=60)[0]
+    follow = last_text(history)
+    assert not history[-1].get("metadata") and answer_of(history)
+    assert "reused)" in follow and "media encode" not in follow, (first, follow)  # the image was not re-encoded
+    n_in = int(re.search(r"(\d+) in \((\d+) reused\)", follow).group(2))
+    assert n_in > 36  # the reused prefix holds the image's vision tokens
+
+
+def test_bad_requests_show_errors_then_recover(client, server, tmp_path):
+    window = server["assistant"].context_window
+    history = ask(client, "hello world " * (window // 2 + 50), max_new=4).result(timeout=60)[0]
     assert history[-1]["metadata"]["title"] == cs.ERROR_TITLE and "context window" in last_text(history)
     corrupt = tmp_path / "photo.png"
     corrupt.write_bytes(os.urandom(300))
     history = ask(client, "what is in the picture?", history, files=[corrupt]).result(timeout=30)[0]
     assert history[-1]["metadata"]["title"] == cs.ERROR_TITLE and len(last_text(history)) > 10
     assert "Traceback" not in str(history)
-    history = ask(client, "hello world", history).result(timeout=30)[0]
+    history = ask(client, "hi", history, max_new=8).result(timeout=30)[0]
     assert history[-1]["role"] == "assistant" and not history[-1]["metadata"] and "tokens/s" in last_text(history)
     assert len(history) == 6
 
@@ -228,29 +271,67 @@ def test_bad_requests_show_errors_then_recover(client, tmp_path):
 def test_stop_mid_stream_and_queue_position(client, server):
     from gradio_client.utils import Status
 
-    calls = server["calls"]
-    n0 = len(calls)
-    long = ask(client, "tell me a story", max_new=MAX_NEW)
-    deadline = time.monotonic() + 20
-    while len(long.outputs()) < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    waiting = ask(client, "hello world")  # concurrency 1: this one queues behind the story
-    seen_rank = None
-    while seen_rank is None and time.monotonic() < deadline:
-        st = waiting.status()
-        if st.code == Status.IN_QUEUE and st.rank is not None:
-            seen_rank = st.rank
-        time.sleep(0.02)
-    assert seen_rank == 0
-    long.cancel()
-    history = waiting.result(timeout=30)[0]  # runs at once: the cancelled stream released the model
-    assert "tokens/s" in last_text(history)
-    time.sleep(0.3)
-    # a Stop that did not stop would have decoded all MAX_NEW tokens before the queued turn could start
-    assert len(calls) - n0 < MAX_NEW
+    calls, a = server["calls"], server["assistant"]
+    stops, a.stop_ids = a.stop_ids, []  # no EOS: the reply would run to MAX_NEW tokens unless Stop works
+    try:
+        n0 = len(calls)
+        long = ask(client, "tell me a story", max_new=MAX_NEW)
+        deadline = time.monotonic() + 20
+        while len(long.outputs()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        waiting = ask(client, "hi", max_new=4)  # concurrency 1: this one queues behind the story
+        seen_rank = None
+        while seen_rank is None and time.monotonic() < deadline:
+            st = waiting.status()
+            if st.code == Status.IN_QUEUE and st.rank is not None:
+                seen_rank = st.rank
+            time.sleep(0.02)
+        assert seen_rank == 0
+        long.cancel()
+        history = waiting.result(timeout=30)[0]  # runs at once: the cancelled stream released the model
+        assert "tokens/s" in last_text(history)
+        time.sleep(0.3)
+        # a Stop that did not stop would have decoded all MAX_NEW tokens before the queued turn could start
+        assert len(calls) - n0 < MAX_NEW
+    finally:
+        a.stop_ids = stops
 
 
 # ------------------------------------------------------------------------------------------ browser
+
+def first_screen(browser, url, viewport=(1280, 900)):
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    t0 = time.monotonic()
+    page.goto(url)
+    box = page.locator("#qo-input textarea")
+    box.wait_for(state="visible", timeout=5000)
+    assert time.monotonic() - t0 < 5, "first screen took too long"
+    return page, box
+
+
+def send(page, box, text, files=()):
+    if files:
+        page.locator("#qo-input input[type=file]").set_input_files([str(f) for f in files])
+        # the upload has landed when its thumbnail shows (Enter is ignored while a file is still uploading)
+        page.locator("#qo-input .thumbnail-item").last.wait_for(state="visible", timeout=10000)
+    box.fill(text)
+    box.press("Enter")
+
+
+def watch_reply(page, until: str, timeout: float = 30) -> list[str]:
+    """Successive texts of the last bot message until `until` shows in it."""
+    reply = page.locator('#qo-chat [data-testid="bot"]').last
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = reply.inner_text() if reply.count() else ""
+        if text and (not seen or text != seen[-1]):
+            seen.append(text)
+        if until in text:
+            break
+        time.sleep(0.03)
+    return seen
+
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's Chromium: apt-get install -y chromium")
 def test_browser_streams_and_fits_a_phone(server, tmp_path):
@@ -259,31 +340,23 @@ def test_browser_streams_and_fits_a_phone(server, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            t0 = time.monotonic()
-            page.goto(server["url"])
-            box = page.locator("#qo-input textarea")
-            box.wait_for(state="visible", timeout=5000)
-            assert time.monotonic() - t0 < 5, "first screen took too long"
-            box.fill("hello world")
-            box.press("Enter")
-            reply = page.locator('#qo-chat [data-testid="bot"]').last
-            seen: list[str] = []
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                text = reply.inner_text() if reply.count() else ""
-                if text and (not seen or text != seen[-1]):
-                    seen.append(text)
-                if "tokens/s" in text:
-                    break
-                time.sleep(0.03)
-            assert "tokens/s" in seen[-1] and "first token" in seen[-1], seen[-1:]
+            page, box = first_screen(browser, server["url"])
+            send(page, box, "Describe the image.", files=[EXAMPLES / "shapes.png"])
+            seen = watch_reply(page, "tokens/s")
+            assert "tokens/s" in seen[-1] and "first token" in seen[-1] and "media encode" in seen[-1], seen[-1:]
             growing = [t for t in seen if "tokens/s" not in t]
             assert len(growing) >= 2 and len(growing[-1]) > len(growing[0]), seen  # streamed, not all at once
+            assert page.locator('#qo-chat [data-testid="user"] img').count() >= 1  # the upload shows inline
             page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
 
-            phone = browser.new_page(viewport={"width": 390, "height": 844})
-            phone.goto(server["url"])
+            corrupt = tmp_path / "holiday.jpg"
+            corrupt.write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(400))  # a JPEG header, then garbage
+            send(page, box, "what is in this photo?", files=[corrupt])
+            seen = watch_reply(page, "holiday.jpg")
+            assert "holiday.jpg" in seen[-1] and "Traceback" not in seen[-1], seen[-1:]
+            page.screenshot(path=str(tmp_path / "error.png"), full_page=True)
+
+            phone, _ = first_screen(browser, server["url"], (390, 844))
             for sel in ("#qo-input textarea", "#qo-chat"):
                 el = phone.locator(sel)
                 el.wait_for(state="visible", timeout=5000)
@@ -313,7 +386,7 @@ def speech_server(tmp_path_factory):
         port = s.getsockname()[1]
     demo = app.main(["--model", str(ckpt), "--port", str(port), "--max-new-tokens", "24", "--max-audio-seconds", "2"],
                     block=False)
-    yield {"url": f"http://127.0.0.1:{port}/"}
+    yield {"url": f"http://127.0.0.1:{port}/", "voice": "Ethan", "question": SPEECH_QUESTION}
     demo.close()
 
 
@@ -353,9 +426,13 @@ def test_spoken_reply_through_the_api(speech_server):
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's Chromium: apt-get install -y chromium")
-def test_browser_hears_the_spoken_reply(speech_server):
+@pytest.mark.parametrize("which", ["server", "speech_server"])
+def test_browser_hears_the_spoken_reply(which, request):
+    """The embedded model speaks through the offline voice (espeak-ng); a full Qwen3-Omni through its talker."""
     import httpx
     from playwright.sync_api import sync_playwright
+
+    speech_server = request.getfixturevalue(which)
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM,
@@ -365,10 +442,11 @@ def test_browser_hears_the_spoken_reply(speech_server):
             page.goto(speech_server["url"])
             box = page.locator("#qo-input textarea")
             box.wait_for(state="visible", timeout=10000)
-            assert page.locator("#qo-voice input").input_value() == "Ethan"  # the model's voices, its default first
+            # the model's voices, its default first
+            assert page.locator("#qo-voice input").input_value() == speech_server["voice"]
             page.get_by_label("Temperature (0 = greedy)").first.fill("0")
             page.locator("#qo-speak input").check()
-            box.fill(SPEECH_QUESTION)
+            box.fill(speech_server.get("question", "hi, what can you do?"))
             box.press("Enter")
             reply = page.locator('#qo-chat [data-testid="bot"]').last
             player = page.locator("#qo-player audio")

@@ -354,3 +354,20 @@ def test_probe(media):
     assert not info.has_video and info.has_audio and info.duration == pytest.approx(1.0, abs=0.05)
     with pytest.raises(MediaError, match="not a media file"):
         probe(b"\x00garbage" * 10)
+
+
+def test_content_hash_follows_the_bytes_not_the_path(tmp_path):
+    """A web client re-uploads the same file every turn (a new copy, a new mtime): the cached state must still
+    match, and a different file at the same path must not."""
+    import os
+
+    from qwen_omni.processor import content_hash
+
+    a, b = tmp_path / "a.png", tmp_path / "copy" / "b.png"
+    b.parent.mkdir()
+    a.write_bytes(b"\x89PNG same bytes")
+    b.write_bytes(b"\x89PNG same bytes")
+    os.utime(b, (1, 1))
+    assert content_hash(a) == content_hash(str(b))
+    a.write_bytes(b"\x89PNG other bytes")
+    assert content_hash(a) != content_hash(b)
