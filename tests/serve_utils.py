@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import wave
 from fractions import Fraction
 from pathlib import Path
 
@@ -39,15 +38,10 @@ def png_bytes(w: int = 64, h: int = 64, seed: int = 0) -> bytes:
 
 
 def wav_bytes(seconds: float = 1.0, freq: float = 440.0, rate: int = 16000) -> bytes:
+    from qwen_omni.voice import wav_bytes as encode
+
     t = np.arange(int(seconds * rate)) / rate
-    pcm = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
+    return encode(0.3 * np.sin(2 * np.pi * freq * t), rate)
 
 
 def mp4_bytes(frames: int = 8, size: int = 64, fps: int = 4, seed: int = 0) -> bytes:

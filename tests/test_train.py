@@ -18,6 +18,7 @@ from PIL import Image
 
 from qwen_omni import tiny_model as tm
 from qwen_omni import train as T
+from qwen_omni import train_data as D
 from qwen_omni.synthetic import make_sample
 
 TASKS_MIX = ("colour", "beep_count", "video_beeps", "followup")
@@ -108,8 +109,8 @@ def test_batched_steps_reduce_loss(ckpt):
 
     tok = Tokenizer.from_dir(tok_dir)
     proc = tm.processor_for(model)
-    items = [T.encode(proc, tok, s.messages, s.answer) for s in (make_sample(t, 11) for t in TASKS_MIX)]
-    batch = T.collate(items)
+    items = [D.encode(proc, tok, s.messages, s.answer) for s in (make_sample(t, 11) for t in TASKS_MIX)]
+    batch = D.collate(items)
     assert batch["input_ids"].shape[0] == 4 and "input_features" in batch and "pixel_values_videos" in batch
     # each row's loss in the batch equals its loss alone (padding and media order are right)
     model.eval()

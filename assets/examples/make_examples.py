@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,11 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from qwen_omni import synthetic_audio as sa  # noqa: E402
 from qwen_omni import synthetic_media as sm  # noqa: E402
+from qwen_omni.voice import wav_bytes  # noqa: E402
 
 
 def write_wav(path: Path, x: np.ndarray, sr: int = sa.SR) -> None:
-    pcm = (np.clip(x, -1, 1) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes(pcm.tobytes())
+    path.write_bytes(wav_bytes(x, sr))
 
 
 def write_mp3(path: Path, x: np.ndarray) -> None:

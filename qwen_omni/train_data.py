@@ -1,0 +1,174 @@
+"""Training data for `qwen_omni.train`: synthetic-world or user JSONL samples -> padded model-input batches.
+
+Design: a sample (chat messages + answer) goes through the serving `Processor`, so training sees exactly the
+token ids, media tensors and MRoPE positions that inference does; labels cover the answer and its closing
+`<|im_end|>` only. Batches right-pad ids/labels/positions and concatenate media in row order (the order the
+model scatters features back in). Robustness augmentation (JPEG/rescale, MP3/Ogg) mimics real uploads.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import tiny_model as tm
+from .synthetic import iter_samples
+
+IGNORE = -100
+
+
+# ---------------------------------------------------------------- samples -> tensors
+
+def augment(sample, rng: np.random.Generator, p: float):
+    """JPEG + rescale some images, MP3/Ogg some audio (what real uploads go through)."""
+    if p <= 0:
+        return sample
+    from . import synthetic_audio as sa
+    from . import synthetic_media as sm
+
+    for m in sample.messages:
+        if isinstance(m["content"], str):
+            continue
+        for part in m["content"]:
+            if part["type"] == "image" and rng.random() < p:
+                part["image"] = sm.jpeg_resize(part["image"], int(rng.integers(30, 90)), float(rng.uniform(0.7, 1.3)))
+            elif part["type"] == "audio" and rng.random() < p * 0.5:
+                sr, x = part["audio"]
+                part["audio"] = (sr, sa.codec_roundtrip(x, "mp3" if rng.random() < 0.5 else "ogg"))
+    return sample
+
+
+def encode(processor, tokenizer, messages: list[dict], answer: str) -> dict:
+    """Model inputs for messages + the answer as the assistant turn, and labels on the answer + <|im_end|>."""
+    msgs = list(messages) + [{"role": "assistant", "content": answer}]
+    inp = processor(tokenizer, msgs, add_generation_prompt=False)
+    ids = inp["input_ids"][0]
+    im_start, im_end = tm.TOKEN_IDS["<|im_start|>"], tm.TOKEN_IDS["<|im_end|>"]
+    starts = (ids == im_start).nonzero().flatten()
+    head = len(tokenizer.encode("assistant\n"))
+    first = int(starts[-1]) + 1 + head
+    ends = (ids == im_end).nonzero().flatten()
+    last = int(ends[ends >= first][0])
+    labels = torch.full_like(ids, IGNORE)
+    labels[first:last + 1] = ids[first:last + 1]
+    inp.pop("cache_key", None)
+    inp["labels"] = labels[None]
+    return inp
+
+
+MEDIA_CAT = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
+
+
+def collate(items: list[dict], pad_id: int = 0) -> dict:
+    """Right-pad ids/labels/positions to the longest; concatenate media in row-major order."""
+    S = max(x["input_ids"].shape[1] for x in items)
+    B = len(items)
+    out = {"input_ids": torch.full((B, S), pad_id, dtype=torch.long),
+           "labels": torch.full((B, S), IGNORE, dtype=torch.long),
+           "position_ids": torch.zeros((3, B, S), dtype=items[0]["position_ids"].dtype)}
+    for i, x in enumerate(items):
+        n = x["input_ids"].shape[1]
+        out["input_ids"][i, :n] = x["input_ids"][0]
+        out["labels"][i, :n] = x["labels"][0]
+        out["position_ids"][:, i, :n] = x["position_ids"][:, 0]
+        if n < S:  # pads continue the positions (they are masked out of the loss; causal attention ignores them)
+            out["position_ids"][:, i, n:] = x["position_ids"][:, 0, -1:] + torch.arange(1, S - n + 1)
+    for k in MEDIA_CAT:
+        parts = [x[k] for x in items if k in x]
+        if parts:
+            out[k] = torch.cat(parts)
+    feats = [(x["input_features"], x["feature_attention_mask"]) for x in items if "input_features" in x]
+    if feats:
+        T = max(f.shape[2] for f, _ in feats)
+        out["input_features"] = torch.cat([F.pad(f, (0, T - f.shape[2])) for f, _ in feats])
+        out["feature_attention_mask"] = torch.cat([F.pad(m, (0, T - m.shape[1])) for _, m in feats])
+    return out
+
+
+class SyntheticStream(torch.utils.data.IterableDataset):
+    """Endless batches from the synthetic world (seeded; a worker gets its own stream)."""
+
+    def __init__(self, tok_dir: Path, model_cfg: dict, weights: dict[str, float], batch: int, seed: int,
+                 augment_p: float, max_tokens: int = 0):
+        self.tok_dir, self.model_cfg, self.weights = tok_dir, model_cfg, weights
+        self.batch, self.seed, self.augment_p, self.max_tokens = batch, seed, augment_p, max_tokens
+
+    def __iter__(self):
+        from .omni_config import ThinkerConfig
+        from .tokenizer import Tokenizer
+
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info else 0
+        torch.set_num_threads(1)
+        tok = Tokenizer.from_dir(self.tok_dir)
+        proc = _processor(ThinkerConfig.parse(self.model_cfg))
+        tasks = list(self.weights)
+        stream = iter_samples(self.seed * 1000 + wid, "train", tasks, [self.weights[t] for t in tasks])
+        rng = np.random.default_rng((self.seed, wid, 99))
+        while True:
+            items = []
+            while len(items) < self.batch:
+                s = augment(next(stream), rng, self.augment_p)
+                items.append(encode(proc, tok, s.messages, s.answer))
+            yield collate(items)
+
+
+class JsonlData(torch.utils.data.IterableDataset):
+    """A user's folder of (media, question, answer) JSONL files, shuffled every epoch."""
+
+    def __init__(self, folder: Path, tok_dir: Path, model_cfg: dict, batch: int, seed: int):
+        self.examples = load_jsonl_folder(folder)
+        if not self.examples:
+            raise SystemExit(f"{folder}: no examples found in *.jsonl files")
+        self.tok_dir, self.model_cfg, self.batch, self.seed = tok_dir, model_cfg, batch, seed
+
+    def __iter__(self):
+        from .omni_config import ThinkerConfig
+        from .tokenizer import Tokenizer
+
+        torch.set_num_threads(1)
+        tok = Tokenizer.from_dir(self.tok_dir)
+        proc = _processor(ThinkerConfig.parse(self.model_cfg))
+        rng = random.Random(self.seed)
+        while True:
+            order = list(range(len(self.examples)))
+            rng.shuffle(order)
+            for i in range(0, len(order) - self.batch + 1 if len(order) >= self.batch else 1, self.batch):
+                chunk = [self.examples[j] for j in order[i:i + self.batch]]
+                yield collate([encode(proc, tok, m, a) for m, a in chunk])
+
+
+def load_jsonl_folder(folder: Path) -> list[tuple[list[dict], str]]:
+    """[(messages, answer)] from every *.jsonl in folder (see the module docstring for the format)."""
+    out = []
+    files = sorted(Path(folder).glob("*.jsonl")) if Path(folder).is_dir() else [Path(folder)]
+    for f in files:
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                parts = []
+                for kind in ("image", "audio", "video"):
+                    srcs = ex.get(kind) or []
+                    for src in [srcs] if isinstance(srcs, str) else srcs:
+                        part = {"type": kind, kind: str((f.parent / src).resolve())}
+                        if kind == "video" and ex.get("use_audio_in_video"):
+                            part["use_audio_in_video"] = True
+                        parts.append(part)
+                parts.append({"type": "text", "text": str(ex["question"])})
+                out.append(([{"role": "user", "content": parts}], str(ex["answer"])))
+            except (KeyError, ValueError, TypeError) as e:
+                raise SystemExit(f"{f}:{n}: bad example ({e}); expected question, answer and optional "
+                                 f"image/audio/video paths") from None
+    return out
+
+
+def _processor(cfg):
+    """Our serving Processor with the tiny model's preprocessor settings."""
+    model = type("M", (), {"cfg": cfg})()
+    return tm.processor_for(model)
