@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -165,10 +165,10 @@ def _beep_clip(rng, max_count: int = 5) -> tuple[np.ndarray, int, bool, bool]:
     return sa.beeps(rng, count, high, long), count, high, long
 
 
-def _video_clip(rng, beeps: str) -> tuple[dict, str, sm.Obj, int]:
+def _video_clip(rng, beeps: str, easy: bool = False) -> tuple[dict, str, sm.Obj, int]:
     """beeps: 'always' | 'maybe'. Returns (video dict, motion, object, beep count or 0)."""
     motion = _pick(rng, sm.MOTIONS)
-    frames, fps, obj = sm.render_video(rng, motion)
+    frames, fps, obj = sm.render_video(rng, motion, big=easy)
     dur, count, audio = len(frames) / fps, 0, None
     r = 0.0 if beeps == "always" else rng.random()
     if r < 0.25:
@@ -185,45 +185,47 @@ def _attr(o: sm.Obj, attr: str) -> str:
     return {"shape": o.shape, "color": o.color, "position": o.position}[attr]
 
 
-def _object_question(rng, split: str, attr: str, by_choices: tuple[str, str]):
-    """Image of 1-4 distinct shapes; ask `attr` ('shape'|'color'|'position') of one of them."""
-    n = int(rng.integers(1, 5))
-    img, objs = sm.render_shapes(rng, n, unique=True)
+def _object_question(rng, split: str, attr: str, by_choices: tuple[str, str], easy: bool = False,
+                     big: bool = False):
+    """Image of 1-4 distinct shapes (easy: one; big: large and centred, when no turn asks its position); ask
+    `attr` ('shape'|'color'|'position') of one of them."""
+    n = 1 if easy else int(rng.integers(1, 5))
+    img, objs = sm.render_shapes(rng, n, unique=True, big=easy and big)
     k = int(rng.integers(n))
     by = _pick(rng, by_choices)
     q = _template(rng, attr, split, obj=_ref(rng, objs[k], n, by, attr))
     return img, objs, k, q, by
 
 
-def _task_object(task: str, rng, split: str) -> Sample:
+def _task_object(task: str, rng, split: str, easy: bool = False) -> Sample:
     attr = {"colour": "color", "shape": "shape", "position": "position"}[task]
     by_choices = tuple(b for b in ("shape", "color", "position") if b != attr)
-    img, objs, k, q, _ = _object_question(rng, split, attr, by_choices)
+    img, objs, k, q, _ = _object_question(rng, split, attr, by_choices, easy, big=attr != "position")
     return Sample(task, [_user(_image(img), _text(_vary(rng, q)))], _attr(objs[k], attr),
                   {"modality": "image", "n_objects": len(objs)})
 
 
-def _task_followup(rng, split: str) -> Sample:
+def _task_followup(rng, split: str, easy: bool = False) -> Sample:
     a1, a2 = (str(a) for a in rng.permutation(["shape", "color", "position"])[:2])
     by = ({"shape", "color", "position"} - {a1, a2}).pop()  # name it by the attribute neither turn asks
-    img, objs, k, q1, _ = _object_question(rng, split, a1, (by, by))
+    img, objs, k, q1, _ = _object_question(rng, split, a1, (by, by), easy, big="position" not in (a1, a2))
     q2 = _template(rng, "followup_" + a2, split)
     msgs = [_user(_image(img), _text(_vary(rng, q1))), {"role": "assistant", "content": _attr(objs[k], a1)},
             _user(_text(_vary(rng, q2)))]
     return Sample("followup", msgs, _attr(objs[k], a2), {"modality": "image", "first": a1, "second": a2})
 
 
-def _task_caption(rng, split: str) -> Sample:
+def _task_caption(rng, split: str, easy: bool = False) -> Sample:
     r = rng.random()
     if r < 0.25:
-        video, motion, obj, count = _video_clip(rng, "maybe")
+        video, motion, obj, count = _video_clip(rng, "maybe", easy)
         cap = f"{_noun(obj)} {'moving ' + motion if motion in ('left', 'right', 'up', 'down') else motion}"
         if count:
             cap += f" with {NUMBER_WORDS[count]} beep{'s' * (count > 1)}"
         part, key, mod = _video(**video, use_audio=count > 0), "caption_video", "video"
     else:
         if r < 0.8:
-            img, objs = sm.render_shapes(rng, int(rng.integers(1, 5)), unique=False)
+            img, objs = sm.render_shapes(rng, 1 if easy else int(rng.integers(1, 5)), unique=False, big=easy)
             cap = caption_objects(objs)
         else:
             word = _number_text(rng) if rng.random() < 0.5 else _pick(rng, sm.WORDS)
@@ -262,7 +264,7 @@ def _task_chitchat(rng, split: str) -> Sample:
     return Sample("chitchat", [_user(_text(q))], answer, {"modality": "text", "intent": intent})
 
 
-def _task_simple(task: str, rng, split: str) -> Sample:
+def _task_simple(task: str, rng, split: str, easy: bool = False) -> Sample:
     """One-turn tasks whose question has no slots: number, text, count, audio and video tasks."""
     meta: dict = {}
     key = task
@@ -280,11 +282,11 @@ def _task_simple(task: str, rng, split: str) -> Sample:
         ans = _pick(rng, sa.SPOKEN_WORDS)
         part, meta["modality"] = _audio(sa.spoken_word(rng, ans, split)), "audio"
     elif task == "video_direction":
-        video, ans, _, _ = _video_clip(rng, "maybe")
+        video, ans, _, _ = _video_clip(rng, "maybe", easy)
         part, meta["modality"] = _video(**video), "video"
         key = "video_size" if ans in ("growing", "shrinking") else "video_move"
     elif task == "video_beeps":
-        video, _, _, count = _video_clip(rng, "always")
+        video, _, _, count = _video_clip(rng, "always", easy)
         part, ans, meta["modality"] = _video(**video, use_audio=True), str(count), "video"
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -292,33 +294,39 @@ def _task_simple(task: str, rng, split: str) -> Sample:
     return Sample(task, [_user(part, _text(_vary(rng, q)))], ans, meta)
 
 
-def make_sample(task: str, seed: int, split: str = "train") -> Sample:
-    """One sample of `task`, a pure function of (task, seed, split). `split` picks the paraphrase, voice
-    and speed pools: "train" or "heldout"."""
+def make_sample(task: str, seed: int, split: str = "train", easy: bool = False) -> Sample:
+    """One sample of `task`, a pure function of (task, seed, split, easy). `split` picks the paraphrase, voice
+    and speed pools: "train" or "heldout". `easy` (training curriculum): images hold a single object, large
+    where its position is not asked, and videos a larger moving shape; it never applies to evaluation."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     rng = np.random.default_rng((int(seed) & (2**64 - 1), zlib.crc32(task.encode()), SPLITS.index(split)))
     if task in ("colour", "shape", "position"):
-        return _task_object(task, rng, split)
-    special = {"followup": _task_followup, "caption": _task_caption, "transcript": _task_transcript,
-               "refusal": _task_refusal, "chitchat": _task_chitchat}
+        return _task_object(task, rng, split, easy)
+    if task in ("followup", "caption"):
+        return (_task_followup if task == "followup" else _task_caption)(rng, split, easy)
+    special = {"transcript": _task_transcript, "refusal": _task_refusal, "chitchat": _task_chitchat}
     if task in special:
         return special[task](rng, split)
-    return _task_simple(task, rng, split)
+    return _task_simple(task, rng, split, easy)
 
 
 def iter_samples(seed: int, split: str = "train", tasks: Sequence[str] = TASKS,
-                 weights: Sequence[float] | None = None) -> Iterator[Sample]:
+                 weights: Sequence[float] | None = None, easy_p: Callable[[], float] | None = None
+                 ) -> Iterator[Sample]:
     """Endless deterministic stream: task drawn by `weights` (uniform if None), each sample seeded from
-    a stream-level generator."""
+    a stream-level generator; `easy_p()` (read per sample, so a trainer can lower it as it goes) is the chance
+    of an easy sample (see `make_sample`)."""
     tasks = tuple(tasks)
     p = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
     rng = np.random.default_rng(seed)
     while True:
         task = tasks[int(rng.choice(len(tasks), p=p))]
-        yield make_sample(task, int(rng.integers(2**63)), split)
+        seed_i = int(rng.integers(2**63))
+        easy = easy_p is not None and bool(rng.random() < easy_p())
+        yield make_sample(task, seed_i, split, easy)
 
 
 __all__ = ["TASKS", "Sample", "make_sample", "iter_samples", "normalize_answer", "CAPABILITIES", "REFUSAL",

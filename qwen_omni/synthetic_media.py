@@ -150,19 +150,20 @@ def _tone(rng: np.random.Generator) -> tuple[str, tuple[str, ...]]:
 
 
 def pick_objects(rng: np.random.Generator, n: int, unique: bool = True, w: int = 128, h: int = 128,
-                 colors: tuple[str, ...] = COLORS) -> list[Obj]:
+                 colors: tuple[str, ...] = COLORS, big: bool = False) -> list[Obj]:
     """n shapes in distinct grid cells, coloured from `colors`; `unique` makes every shape and every
-    colour distinct so that a question can name an object by its shape or colour."""
-    cells = np.sort(rng.choice(9, size=n, replace=False))
+    colour distinct so that a question can name an object by its shape or colour. `big` (n == 1 only): one
+    large centred shape, the easy end of the training curriculum."""
+    cells = np.array([4]) if big and n == 1 else np.sort(rng.choice(9, size=n, replace=False))
     shapes = rng.choice(len(SHAPES), size=n, replace=not unique)
     color_idx = rng.choice(len(colors), size=n, replace=not unique)
     cw, ch = w / 3, h / 3
     objs = []
     for cell, s, c in zip(cells, shapes, color_idx):
-        big = n == 1 and cell == 4 and rng.random() < 0.5  # a lone centred shape may be large
-        r = min(cw, ch) * (rng.uniform(0.9, 1.3) if big else rng.uniform(0.28, 0.46))
+        large = n == 1 and cell == 4 and (big or rng.random() < 0.5)  # a lone centred shape may be large
+        r = min(cw, ch) * (rng.uniform(0.9, 1.3) if large else rng.uniform(0.28, 0.46))
         # Jitter the centre inside its cell but keep the shape within the cell (or image, if big).
-        slack = max(0.0, min(cw, ch) / 2 - r) if not big else 0.0
+        slack = max(0.0, min(cw, ch) / 2 - r) if not large else 0.0
         cx = (cell % 3 + 0.5) * cw + rng.uniform(-slack, slack)
         cy = (cell // 3 + 0.5) * ch + rng.uniform(-slack, slack)
         objs.append(Obj(SHAPES[s], colors[c], int(cell), float(cx), float(cy), float(r), (0, 0, 0)))
@@ -171,11 +172,12 @@ def pick_objects(rng: np.random.Generator, n: int, unique: bool = True, w: int =
     return objs
 
 
-def render_shapes(rng: np.random.Generator, n: int, unique: bool = True) -> tuple[Image.Image, list[Obj]]:
+def render_shapes(rng: np.random.Generator, n: int, unique: bool = True, big: bool = False
+                  ) -> tuple[Image.Image, list[Obj]]:
     """Image with n (1-4) non-overlapping shapes; objects are returned in reading order."""
     w, h = _image_size(rng)
     tone, colors = _tone(rng)
-    objs = pick_objects(rng, n, unique, w, h, colors)
+    objs = pick_objects(rng, n, unique, w, h, colors, big)
     bg = background(rng, w, h, tone)
     img = Image.fromarray(bg)
     draw = ImageDraw.Draw(img)
@@ -212,8 +214,9 @@ def render_text(rng: np.random.Generator, text: str) -> Image.Image:
 MOTIONS: tuple[str, ...] = ("left", "right", "up", "down", "growing", "shrinking")
 
 
-def render_video(rng: np.random.Generator, motion: str) -> tuple[np.ndarray, float, Obj]:
-    """One shape that moves (left/right/up/down) or changes size over a 2-4 s clip at 2 fps.
+def render_video(rng: np.random.Generator, motion: str, big: bool = False) -> tuple[np.ndarray, float, Obj]:
+    """One shape that moves (left/right/up/down) or changes size over a 2-4 s clip at 2 fps (`big`: a moving
+    shape about 1.7x larger, the easy end of the training curriculum).
 
     Returns (uint8 frames (T,H,W,3), fps, object at its first frame)."""
     fps = 2.0
@@ -230,7 +233,7 @@ def render_video(rng: np.random.Generator, motion: str) -> tuple[np.ndarray, flo
         cx0 = cx1 = w / 2 + rng.uniform(-0.05, 0.05) * w
         cy0 = cy1 = h / 2 + rng.uniform(-0.05, 0.05) * h
     else:
-        r0 = r1 = m * rng.uniform(0.1, 0.18)
+        r0 = r1 = m * rng.uniform(0.1, 0.18) * (1.7 if big else 1.0)
         lo_x, hi_x, lo_y, hi_y = r0 + 2, w - r0 - 2, r0 + 2, h - r0 - 2
         # Travel at least half the free span so the direction is obvious even after subsampling.
         a, b = rng.uniform(0.0, 0.2), rng.uniform(0.8, 1.0)

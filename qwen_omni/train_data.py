@@ -93,9 +93,12 @@ class SyntheticStream(torch.utils.data.IterableDataset):
     """Endless batches from the synthetic world (seeded; a worker gets its own stream)."""
 
     def __init__(self, tok_dir: Path, model_cfg: dict, weights: dict[str, float], batch: int, seed: int,
-                 augment_p: float, max_tokens: int = 0):
+                 augment_p: float, max_tokens: int = 0, easy_p: float = 0.0):
         self.tok_dir, self.model_cfg, self.weights = tok_dir, model_cfg, weights
         self.batch, self.seed, self.augment_p, self.max_tokens = batch, seed, augment_p, max_tokens
+        # Share of easy samples (curriculum, see synthetic.make_sample); the trainer lowers it as it goes. Read per
+        # sample, so changes reach an inline stream (workers=0) at once; a worker process keeps its start value.
+        self.easy_p = easy_p
 
     def __iter__(self):
         from .omni_config import ThinkerConfig
@@ -103,11 +106,13 @@ class SyntheticStream(torch.utils.data.IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         wid = info.id if info else 0
-        torch.set_num_threads(1)
+        if info is not None:  # a worker process; inline (workers=0) this is the trainer's own process
+            torch.set_num_threads(1)
         tok = Tokenizer.from_dir(self.tok_dir)
         proc = _processor(ThinkerConfig.parse(self.model_cfg))
         tasks = list(self.weights)
-        stream = iter_samples(self.seed * 1000 + wid, "train", tasks, [self.weights[t] for t in tasks])
+        stream = iter_samples(self.seed * 1000 + wid, "train", tasks, [self.weights[t] for t in tasks],
+                              easy_p=lambda: self.easy_p)
         rng = np.random.default_rng((self.seed, wid, 99))
         while True:
             items = []
@@ -130,7 +135,8 @@ class JsonlData(torch.utils.data.IterableDataset):
         from .omni_config import ThinkerConfig
         from .tokenizer import Tokenizer
 
-        torch.set_num_threads(1)
+        if torch.utils.data.get_worker_info() is not None:
+            torch.set_num_threads(1)
         tok = Tokenizer.from_dir(self.tok_dir)
         proc = _processor(ThinkerConfig.parse(self.model_cfg))
         rng = random.Random(self.seed)

@@ -263,3 +263,25 @@ def test_mp4_roundtrip():
     assert np.abs(out["frames"].astype(int) - v["frames"].astype(int)).mean() < 8
     assert out["audio"].shape == v["audio"].shape and np.corrcoef(out["audio"], v["audio"])[0, 1] > 0.9
     assert _count_bursts(out["audio"]) == int(s.answer)
+
+
+def test_easy_samples_for_the_curriculum():
+    """easy=True: one object (large and centred unless its position is asked), a larger moving shape; still a
+    valid, deterministic sample, and an easy-share of 0 leaves the stream's samples as they were."""
+    for seed in range(6):
+        s = make_sample("colour", seed, "train", easy=True)
+        assert s.meta["n_objects"] == 1 and s.answer in ANSWERS["colour"]
+        assert make_sample("colour", seed, "train", easy=True).answer == s.answer
+        img = np.asarray(s.messages[0]["content"][0]["image"], dtype=np.int16)
+        bg = img[0, 0]
+        covered = (np.abs(img - bg).sum(-1) > 60).mean()
+        assert covered > 0.1, covered  # a large shape, not a needle (a normal one covers 1-5%)
+        assert make_sample("position", seed, "train", easy=True).meta["n_objects"] == 1
+    frames_easy = make_sample("video_direction", 1, "train", easy=True).messages[0]["content"][0]["video"]["frames"]
+    frames = make_sample("video_direction", 1, "train").messages[0]["content"][0]["video"]["frames"]
+    assert frames_easy.shape[1:] == frames.shape[1:]
+    a = [s.answer for s, _ in zip(iter_samples(3, tasks=("colour",), easy_p=lambda: 0.0), range(5))]
+    b = [s.answer for s, _ in zip(iter_samples(3, tasks=("colour",), easy_p=lambda: 1.0), range(5))]
+    assert len(a) == len(b) == 5
+    easy = [make_sample("count", 2, "train", easy=True), make_sample("count", 2, "train")]
+    assert easy[0].answer == easy[1].answer  # tasks that need several objects are unchanged
