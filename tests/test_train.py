@@ -140,6 +140,27 @@ def _args(run, *extra):
                          "--augment", "0", *extra])
 
 
+def test_inline_stream_keeps_the_trainers_threads_and_follows_the_curriculum(ckpt):
+    """The synthetic stream runs in the trainer's process (workers=0): it must not change torch's thread count
+    (it once set 1, and training ran on one of two cores), and `easy_p` set between batches takes effect."""
+    d, model = ckpt
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ds = D.SyntheticStream(d, model.config_dict, {"colour": 1.0}, 4, seed=0, augment_p=0.0, easy_p=1.0)
+        it = iter(ds)
+        easy = next(it)
+        assert torch.get_num_threads() == 2
+        ds.easy_p = 0.0
+        hard = [next(it) for _ in range(3)]
+        n_img = [int(b["image_grid_thw"].shape[0]) for b in [easy, *hard]]
+        assert n_img == [4, 4, 4, 4]  # one image per row either way; what changes is its content
+        assert T.easy_share(0.7, "a", 0.0) == 0.7 and T.easy_share(0.7, "b", 0.5) == 0.0
+        assert abs(T.easy_share(0.7, "a", 1.0) - T.easy_share(0.7, "b", 0.0)) < 1e-9  # continuous across stages
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_resume_continues_from_checkpoint(tmp_path, ckpt, monkeypatch):
     d, _ = ckpt
     monkeypatch.setattr(tm, "corpus_texts", lambda *a, **k: _small_corpus())  # a fast tokenizer for the test
