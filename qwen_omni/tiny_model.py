@@ -200,6 +200,11 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "bias":
             p.zero_()
+        elif p.dim() >= 3 or name.endswith("conv_out.weight"):
+            # Convolutions (and the audio front end's conv_out) get fan-in (He) scaling: with N(0, 0.02) the
+            # audio encoder's three 3x3 convs shrank the mel signal ~1e4-fold under its sinusoidal positions,
+            # and pitch (a global property) stayed at chance.
+            p.normal_(0, (2.0 / p[0].numel()) ** 0.5)
         elif "norm" in name or ".ln" in name or name.endswith(("ln_q.weight", "ln_post.weight")):
             p.fill_(1.0) if p.dim() == 1 else p.normal_(0, std)
         elif p.dim() == 1:

@@ -161,6 +161,22 @@ def test_inline_stream_keeps_the_trainers_threads_and_follows_the_curriculum(ckp
         torch.set_num_threads(before)
 
 
+def test_initialisation_keeps_the_audio_signal():
+    """From scratch the audio front end must pass the mel signal on at a scale comparable to the sinusoidal
+    positions it is added to (N(0, 0.02) convs once shrank it ~1e4-fold and audio never learned)."""
+    model = tm.new_model(400, "tiny", seed=0)
+    at = model.audio_tower
+    out = {}
+    at.conv_out.register_forward_hook(lambda mod, i, o: out.__setitem__("conv_out", o))
+    x = make_sample("pitch", 0, "train").messages[0]["content"][0]["audio"][1]
+    from encoders.preprocess import log_mel
+
+    f, n = log_mel(torch.from_numpy(x), n_mels=128)
+    with torch.no_grad():
+        at(f, torch.tensor([n]))
+    assert out["conv_out"].std() > 0.1 * at.positional_embedding.std(), out["conv_out"].std()
+
+
 def test_resume_continues_from_checkpoint(tmp_path, ckpt, monkeypatch):
     d, _ = ckpt
     monkeypatch.setattr(tm, "corpus_texts", lambda *a, **k: _small_corpus())  # a fast tokenizer for the test
