@@ -4,7 +4,8 @@ voices and seeds, written in the formats users upload (PNG, JPEG, WAV, MP3, MP4 
 
 Deterministic: the same code writes byte-identical PNG/WAV files (the compressed ones depend on the codec
 build). `examples.json` lists each file with a question the model was trained to answer; `answer` is the
-ground truth the picture/sound was drawn with (the app ignores it; tests compare the model's reply with it).
+ground truth the picture/sound was drawn with and `kind` the kind of answer (the app ignores both; the app's
+tests check that the model's reply is an answer of that kind).
 """
 from __future__ import annotations
 
@@ -61,24 +62,27 @@ def main(out: Path = HERE) -> list[dict]:
 
     img, star, objs = shapes_image()
     img.save(out / "shapes.png")
-    entries += [{"file": "shapes.png", "text": "What colour is the star?", "answer": star.color},
-                {"file": "shapes.png", "text": "How many shapes are there?", "answer": str(len(objs))}]
+    entries += [{"file": "shapes.png", "text": "What colour is the star?", "answer": star.color, "kind": "colour"},
+                {"file": "shapes.png", "text": "How many shapes are there?", "answer": str(len(objs)),
+                 "kind": "number"}]
 
     sm.render_text(rng, "42").convert("RGB").save(out / "number.jpg", quality=85)
-    entries.append({"file": "number.jpg", "text": "What number is written?", "answer": "42"})
+    entries.append({"file": "number.jpg", "text": "What number is written?", "answer": "42", "kind": "number"})
 
     write_wav(out / "beeps.wav", sa.beeps(rng, 3, high=True, long=False))
-    entries.append({"file": "beeps.wav", "text": "How many beeps do you hear?", "answer": "3"})
+    entries.append({"file": "beeps.wav", "text": "How many beeps do you hear?", "answer": "3", "kind": "number"})
 
     write_mp3(out / "spoken.mp3", sa.spoken_word(rng, "seven", "heldout"))
-    entries.append({"file": "spoken.mp3", "text": "Which word is spoken?", "answer": "seven"})
+    entries.append({"file": "spoken.mp3", "text": "Which word is spoken?", "answer": "seven",
+                    "kind": "spoken_word"})
 
     frames, fps, obj = sm.render_video(rng, "right")
     audio = sa.beeps(rng, 2, high=False, long=False, total_s=len(frames) / fps)
     (out / "moving.mp4").write_bytes(sm.encode_mp4({"frames": frames, "fps": fps, "audio": audio}, crf=23))
-    entries += [{"file": "moving.mp4", "text": "Which way does the shape move?", "answer": "right"},
+    entries += [{"file": "moving.mp4", "text": "Which way does the shape move?", "answer": "right",
+                 "kind": "motion"},
                 {"file": "moving.mp4", "text": "How many beeps are in the video?", "answer": "2",
-                 "use_audio_in_video": True}]
+                 "kind": "number", "use_audio_in_video": True}]
 
     (out / "examples.json").write_text(json.dumps(entries, indent=1) + "\n")
     return entries
