@@ -167,9 +167,8 @@ def noise_only(rng: np.random.Generator, total_s: float) -> np.ndarray:
 _CODECS = {"mp3": ("mp3", ("libmp3lame", "mp3")), "ogg": ("ogg", ("libopus", "libvorbis", "vorbis"))}
 
 
-def codec_roundtrip(audio: np.ndarray, codec: str = "mp3", bitrate: int = 32000) -> np.ndarray:
-    """Encode 16 kHz float32 audio to MP3 or Ogg (Opus, else Vorbis) in memory and decode it back to
-    16 kHz float32 of the same length (codec delay/padding trimmed or padded at the end)."""
+def encode_audio(audio: np.ndarray, codec: str = "mp3", bitrate: int = 32000) -> bytes:
+    """16 kHz float32 audio as an MP3 or Ogg (Opus, else Vorbis) file in memory."""
     import av
     fmt, candidates = _CODECS[codec]
     name = next((c for c in candidates if c in av.codecs_available), None)
@@ -187,6 +186,12 @@ def codec_roundtrip(audio: np.ndarray, codec: str = "mp3", bitrate: int = 32000)
         for chunk in _audio_chunks(frame, st):
             out.mux(st.encode(chunk))
         out.mux(st.encode())
-    buf.seek(0)
-    with av.open(buf) as inp:
+    return buf.getvalue()
+
+
+def codec_roundtrip(audio: np.ndarray, codec: str = "mp3", bitrate: int = 32000) -> np.ndarray:
+    """Encode 16 kHz float32 audio to MP3 or Ogg (`encode_audio`) and decode it back to 16 kHz float32 of the
+    same length (codec delay/padding trimmed or padded at the end)."""
+    import av
+    with av.open(io.BytesIO(encode_audio(audio, codec, bitrate))) as inp:
         return _decode_audio(inp, len(audio))

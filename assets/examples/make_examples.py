@@ -27,23 +27,6 @@ def write_wav(path: Path, x: np.ndarray, sr: int = sa.SR) -> None:
     path.write_bytes(wav_bytes(x, sr))
 
 
-def write_mp3(path: Path, x: np.ndarray) -> None:
-    import io
-
-    import av
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp3") as out:
-        st = out.add_stream("libmp3lame" if "libmp3lame" in av.codecs_available else "mp3", rate=sa.SR,
-                            layout="mono")
-        st.bit_rate = 48000
-        frame = av.AudioFrame.from_ndarray(np.asarray(x, np.float32)[None, :], format="flt", layout="mono")
-        frame.sample_rate = sa.SR
-        for chunk in sm._audio_chunks(frame, st):
-            out.mux(st.encode(chunk))
-        out.mux(st.encode())
-    path.write_bytes(buf.getvalue())
-
-
 def shapes_image(seed: int = 3):
     """Three shapes, one of them a star: 'What colour is the star?'"""
     for s in range(seed, seed + 1000):
@@ -72,7 +55,7 @@ def main(out: Path = HERE) -> list[dict]:
     write_wav(out / "beeps.wav", sa.beeps(rng, 3, high=True, long=False))
     entries.append({"file": "beeps.wav", "text": "How many beeps do you hear?", "answer": "3", "kind": "number"})
 
-    write_mp3(out / "spoken.mp3", sa.spoken_word(rng, "seven", "heldout"))
+    (out / "spoken.mp3").write_bytes(sa.encode_audio(sa.spoken_word(rng, "seven", "heldout"), "mp3", 48000))
     entries.append({"file": "spoken.mp3", "text": "Which word is spoken?", "answer": "seven",
                     "kind": "spoken_word"})
 
