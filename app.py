@@ -22,13 +22,14 @@ import sys
 import gradio as gr
 
 from qwen_omni import QwenOmniError
+from qwen_omni import app_settings as st
 from qwen_omni import chat_session as cs
 
 STREAM_AUDIO = shutil.which("ffmpeg") is not None  # Gradio encodes a streamed player's chunks with ffmpeg
 CSS = "#qo-actions button {min-width: fit-content !important}  /* no clipped labels on a phone */"
 
 
-def build_demo(assistant, settings: cs.Settings) -> gr.Blocks:
+def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
     session = cs.ChatSession(assistant, max_new_tokens=settings.max_new_tokens)
 
     voices = cs.voice_choices(assistant)
@@ -49,7 +50,7 @@ def build_demo(assistant, settings: cs.Settings) -> gr.Blocks:
 
             yield gr.skip(), False, join_wav(held)
 
-    @cs.on_gpu
+    @st.on_gpu
     def submit(message, cam_image, cam_video, history, system, temperature, top_p, top_k, max_new, seed, av,
                speak=False, voice="default"):
         sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, av, bool(speak), voice)
@@ -58,7 +59,7 @@ def build_demo(assistant, settings: cs.Settings) -> gr.Blocks:
             # the input box and camera are emptied once, so typing during the stream is not wiped
             yield (history, *((gr.MultimodalTextbox(value=None), None, None) if first else (gr.skip(),) * 3), audio)
 
-    @cs.on_gpu
+    @st.on_gpu
     def regenerate(history, system, temperature, top_p, top_k, max_new, seed, av, speak=False, voice="default"):
         sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, av, bool(speak), voice)
         yield from ((h, a) for h, _, a in stream(session.regenerate(history, system, sampling, True)))
@@ -128,18 +129,18 @@ def build_demo(assistant, settings: cs.Settings) -> gr.Blocks:
 
 
 def main(argv: list[str] | None = None, *, block: bool = True) -> gr.Blocks:
-    settings = cs.parse_settings(argv)
+    settings = st.parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks would flood the log
     print(f"qwen-omni: loading {settings.base_url or settings.model or 'the embedded default model'} ...", flush=True)
     try:
-        assistant = cs.load_assistant(settings)
+        assistant = st.load_assistant(settings)
     except QwenOmniError as e:
         sys.exit(f"qwen-omni: cannot start: {e}")
     demo = build_demo(assistant, settings)
-    demo.queue(**cs.queue_options(settings))
+    demo.queue(**st.queue_options(settings))
     try:
-        demo.launch(**cs.launch_options(settings), prevent_thread_lock=True, theme=gr.themes.Soft(), css=CSS)
+        demo.launch(**st.launch_options(settings), prevent_thread_lock=True, theme=gr.themes.Soft(), css=CSS)
     except OSError as e:  # most often: the port is taken
         sys.exit(f"qwen-omni: cannot serve on {settings.host}:{settings.port}: {e}")
     dtype = str(assistant.dtype).replace("torch.", "")

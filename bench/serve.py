@@ -1,11 +1,13 @@
 """Serving benchmark: continuous batching throughput and TTFT, and what prefix reuse saves on a follow-up turn.
 
     python bench/serve.py                 # builds the benchmark model, starts `python -m qwen_omni serve` twice
-    python bench/serve.py --model DIR     # any checkpoint (default: assets/tiny-omni if present, else built)
+    python bench/serve.py --model DIR     # any checkpoint for both parts
 
-Model: the embedded assets/tiny-omni when it exists; else a random Qwen3-Omni thinker built by transformers with
-the test checkpoint's structure but a realistic-for-CPU text width (hidden 512, 8 MoE layers of 8 experts, top-2;
-vision 256 wide, 4 blocks; audio 128 wide). Random weights do not change the cost of a step.
+Models: throughput runs on the embedded assets/tiny-omni when it exists. The second-turn test runs on a random
+Qwen3-Omni thinker built by transformers (`--shape`: "embedded" is the embedded model's own shape, "wide" twice
+as wide and deep) with the usual 28*28*1280 px image budget: the embedded model's preprocessor caps images at
+192x192 px (36 tokens), which makes any prefill cheap and says nothing about reuse. Random weights do not change
+the cost of a step.
 
 1. Throughput: 1 streaming client, then 8 concurrent ones, each asking for exactly N tokens (`ignore_eos`).
    Total tokens/s = all tokens received / wall time; TTFT = request sent -> first SSE event (sent by our server
@@ -195,10 +197,15 @@ def main() -> int:
                     help="image side in pixels for the second-turn test (896: 784 image tokens)")
     ap.add_argument("--threads", type=int, default=1,
                     help="server torch threads; more than the idle cores makes every step wait (default 1)")
+    ap.add_argument("--reuse-model", type=Path, default=None,
+                    help="model for the second-turn test (default: --model if given, else a built --shape model: "
+                         "the embedded model caps images at 192x192 px = 36 tokens, too few to weigh in a prefill)")
     args = ap.parse_args()
-    model = args.model or (ROOT / "assets" / "tiny-omni" if (ROOT / "assets/tiny-omni/config.json").is_file()
-                           else build_model(Path(tempfile.gettempdir()) / f"qwen-omni-bench-{args.shape}", args.shape))
-    report: dict = {"model": str(model)}
+    built = Path(tempfile.gettempdir()) / f"qwen-omni-bench-{args.shape}"
+    embedded = ROOT / "assets" / "tiny-omni"
+    model = args.model or (embedded if (embedded / "config.json").is_file() else build_model(built, args.shape))
+    reuse_model = args.reuse_model or args.model or build_model(built, args.shape)
+    report: dict = {"model": str(model), "reuse_model": str(reuse_model)}
     server = Server(model, threads=args.threads)
     try:
         server.stream([{"role": "user", "content": "warm up"}], 4)
@@ -206,10 +213,15 @@ def main() -> int:
         eight = throughput(server, 8, args.requests, args.tokens)
         report["throughput"] = {"1_client": one, "8_clients": eight,
                                 "ratio": round(eight["tokens_per_s"] / one["tokens_per_s"], 2)}
+    finally:
+        server.close()
+    server = Server(reuse_model, threads=args.threads)
+    try:
+        server.stream([{"role": "user", "content": "warm up"}], 4)
         report["second_turn"] = {"prefix_reuse": second_turn_ttft(server, args.conversations, args.image)}
     finally:
         server.close()
-    server = Server(model, "--prefix-cache-size", "0", threads=args.threads)
+    server = Server(reuse_model, "--prefix-cache-size", "0", threads=args.threads)
     try:
         server.stream([{"role": "user", "content": "warm up"}], 4)
         report["second_turn"]["full_prefill"] = second_turn_ttft(server, args.conversations, args.image)

@@ -1,10 +1,9 @@
-"""Everything the web app does that is not drawing widgets: settings, uploads, history <-> messages, streaming.
+"""Everything the web app does that is not drawing widgets: uploads, history <-> messages, streaming.
 
 Design
 - `app.py` is a thin Gradio layer; this module holds the logic so it can be tested without a browser and so the
   library never imports gradio. Values crossing the boundary are plain dicts/lists in Gradio's "messages" shape.
-- Settings come from flags, then `QWEN_OMNI_*` environment variables, then Gradio's own `GRADIO_SERVER_NAME` /
-  `GRADIO_SERVER_PORT` (what Hugging Face Spaces sets), then defaults (`parse_settings`).
+- Settings (flags, environment, loading the model, launch options) live in `app_settings.py`.
 - The browser's chat history is the source of truth: every turn re-sends the whole conversation. The library's
   `PrefixCache` notices the shared prefix and prefills only the new tokens, so there is no caching here.
 - History entries the model must not see are recognisable from their shape alone (no side state, so
@@ -21,17 +20,15 @@ in the folder that no entry mentions get a generic question for their kind.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import mimetypes
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-from .errors import CheckpointError, InputError, QwenOmniError
+from .errors import InputError, QwenOmniError
 
 log = logging.getLogger("qwen_omni.app")
 
@@ -53,104 +50,6 @@ DEFAULT_QUESTIONS = {"image": "Describe this image.", "audio": "What do you hear
                      "video": "What happens in this video?"}
 STATS_TAG = '<sub title="reply stats">'
 _STATS_FOOTER = re.compile(r"\s*" + re.escape(STATS_TAG) + r"[^<]*</sub>\s*$")
-
-
-# ------------------------------------------------------------------------------------------------ settings
-
-@dataclass(frozen=True)
-class Settings:
-    model: str | None
-    device: str | None
-    dtype: str | None
-    host: str
-    port: int
-    share: bool
-    inbrowser: bool
-    max_new_tokens: int
-    concurrency: int
-    queue_size: int
-    backend: str = "local"  # "openai": answer through an OpenAI-compatible server (qwen_omni/remote.py)
-    base_url: str | None = None
-    api_key: str | None = None
-    max_audio_seconds: float | None = None  # cap on one spoken reply (talker steps); None: the reference's
-
-
-def _flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
-    env = os.environ if environ is None else environ
-
-    def pick(*names: str, default: str | None = None) -> str | None:
-        return next((env[n] for n in names if env.get(n)), default)
-
-    p = argparse.ArgumentParser(prog="app.py", description="Qwen-Omni web chat (Gradio).")
-    # String defaults go through `type`, so a bad environment value is reported like a bad flag.
-    p.add_argument("--model", default=pick("QWEN_OMNI_MODEL"),
-                   help="checkpoint directory or Hub id (default: the embedded model in assets/tiny-omni)")
-    p.add_argument("--device", default=pick("QWEN_OMNI_DEVICE"), help="cpu, cuda, cuda:1, mps (default: best)")
-    p.add_argument("--dtype", default=pick("QWEN_OMNI_DTYPE"), choices=[None, "float32", "bfloat16", "float16"])
-    p.add_argument("--host", default=pick("QWEN_OMNI_HOST", "GRADIO_SERVER_NAME", default="127.0.0.1"))
-    p.add_argument("--port", type=int, default=pick("QWEN_OMNI_PORT", "GRADIO_SERVER_PORT", default="7860"))
-    p.add_argument("--share", action="store_true", default=_flag(pick("QWEN_OMNI_SHARE")),
-                   help="also serve on a public gradio.live link")
-    p.add_argument("--inbrowser", action="store_true", default=_flag(pick("QWEN_OMNI_INBROWSER")))
-    p.add_argument("--max-new-tokens", type=int, default=pick("QWEN_OMNI_MAX_NEW_TOKENS", default="1024"),
-                   help="upper end of the max-new-tokens slider")
-    p.add_argument("--concurrency", type=int, default=pick("QWEN_OMNI_CONCURRENCY", default="1"),
-                   help="replies generated at once; others wait in the queue and see their position")
-    p.add_argument("--queue-size", type=int, default=pick("QWEN_OMNI_QUEUE_SIZE", default="64"))
-    p.add_argument("--backend", choices=["local", "openai"], default=pick("QWEN_OMNI_BACKEND", default="local"),
-                   help="openai: answer through an OpenAI-compatible server at --base-url (vLLM, qwen_omni serve)")
-    p.add_argument("--base-url", default=pick("QWEN_OMNI_BASE_URL"), help="e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--api-key", default=pick("QWEN_OMNI_API_KEY", "OPENAI_API_KEY"), help="the server's key")
-    p.add_argument("--max-audio-seconds", type=float, default=pick("QWEN_OMNI_MAX_AUDIO_SECONDS"),
-                   help="longest spoken reply a talker may produce (default: the reference's 4096 talker steps)")
-    a = p.parse_args(argv)
-    for name in ("max_new_tokens", "concurrency", "queue_size"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if a.backend == "openai" and not a.base_url:
-        p.error("--backend openai needs --base-url")
-    return Settings(a.model, a.device, a.dtype, a.host, a.port, a.share, a.inbrowser, a.max_new_tokens,
-                    a.concurrency, a.queue_size, a.backend, a.base_url, a.api_key, a.max_audio_seconds)
-
-
-def load_assistant(settings: Settings):
-    """`qwen_omni.load` with a clearer message when the embedded default model is not there."""
-    from .assistant import DEFAULT_MODEL, load
-
-    if settings.backend == "openai":  # --model then names the server's model (default: its first)
-        from .remote import RemoteAssistant
-
-        return RemoteAssistant(settings.base_url, api_key=settings.api_key, model=settings.model).connect()
-    if settings.model is None and not DEFAULT_MODEL.is_dir():
-        raise CheckpointError(
-            f"the default model ({DEFAULT_MODEL.relative_to(ROOT)}) is not in this checkout; pass --model PATH "
-            f"(a checkpoint directory or a Hub id such as Qwen/Qwen2.5-Omni-3B) or set QWEN_OMNI_MODEL")
-    assistant = load(settings.model, device=settings.device, dtype=settings.dtype)
-    assistant.speech.max_audio_seconds = settings.max_audio_seconds
-    return assistant
-
-
-def queue_options(settings: Settings) -> dict:
-    return {"default_concurrency_limit": settings.concurrency, "max_size": settings.queue_size}
-
-
-def launch_options(settings: Settings) -> dict:
-    return {"server_name": settings.host, "server_port": settings.port, "share": settings.share,
-            "inbrowser": settings.inbrowser, "show_error": False, "max_file_size": max(MAX_BYTES.values()),
-            "allowed_paths": [str(EXAMPLES_DIR)], "ssr_mode": False, "quiet": True}
-
-
-def on_gpu(fn: Callable) -> Callable:
-    """`spaces.GPU` on Hugging Face ZeroGPU Spaces; the function itself everywhere else."""
-    try:
-        import spaces  # type: ignore[import-not-found]
-    except ImportError:
-        return fn
-    return spaces.GPU(fn)
 
 
 # ------------------------------------------------------------------------------------------------ model card

@@ -20,7 +20,8 @@ import numpy as np
 
 from qwen_omni import synthetic_audio as sa
 from qwen_omni import synthetic_media as sm
-from qwen_omni.synthetic_templates import CAPABILITIES, CHITCHAT, REFUSAL, REFUSAL_PROMPTS, TEMPLATES
+from qwen_omni.synthetic_templates import (CAPABILITIES, CHITCHAT, REFUSAL, REFUSAL_PROMPTS, TEMPLATES,
+                                           TRAIN_PREFIXES, TRAIN_SUFFIXES)
 
 TASKS: tuple[str, ...] = (
     "colour", "shape", "count", "position", "number", "text", "beep_count", "pitch", "spoken_word",
@@ -87,7 +88,14 @@ def _pick(rng: np.random.Generator, seq: Sequence):
 
 def _template(rng, key: str, split: str, **slots) -> str:
     t = _pick(rng, TEMPLATES[key][split]).format(**slots)
-    return t[0].upper() + t[1:]
+    t = t[0].upper() + t[1:]
+    if split == "train":  # words around the question (drawn for train only: held-out samples stay as they were)
+        r = rng.random()
+        if r < 0.2:
+            t = _pick(rng, TRAIN_PREFIXES) + t[0].lower() + t[1:]
+        elif r < 0.35:
+            t = t + _pick(rng, TRAIN_SUFFIXES)
+    return t
 
 
 def _where(pos: str) -> str:

@@ -76,6 +76,78 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                      ["Write down what you hear.", "What is in this recording?"]),
 }
 
+# More training wording (train split only): a tiny model trained on four or five phrasings per question keys on
+# the exact strings and misreads new ones (held-out accuracy was ~20 points under train-wording accuracy for
+# the same images and sounds). These are written as varied everyday phrasings, not derived from the held-out
+# pools; the disjointness test covers them like the rest.
+_TRAIN_MORE: dict[str, list[str]] = {
+    "color": ["What's the color of {obj}?", "Color of {obj}?", "Could you name the color of {obj}?",
+              "Do you know the color of {obj}?", "Look at {obj}. What color is it?", "Say which color {obj} is.",
+              "What color would you call {obj}?", "I need the color of {obj}.", "{obj}: what color?",
+              "Which color do you see for {obj}?", "Please tell me the color of {obj}.",
+              "What color is {obj} painted?", "Give me the color of {obj}."],
+    "shape": ["What's the shape of {obj}?", "Shape of {obj}?", "Could you name the shape of {obj}?",
+              "Do you know what shape {obj} is?", "Look at {obj}. What shape is it?", "Say which shape {obj} is.",
+              "What would you call {obj}?", "I need the shape of {obj}.", "{obj}: what shape?",
+              "Which kind of shape do you see for {obj}?", "Please tell me the shape of {obj}.",
+              "What sort of figure is {obj}?", "Give me the shape of {obj}."],
+    "position": ["Where's {obj}?", "Where can you see {obj}?", "Where in the image is {obj}?",
+                 "Position of {obj}?", "Could you say where {obj} is?", "Do you know where {obj} is?",
+                 "Where is {obj} placed?", "Where does {obj} sit in the picture?", "{obj}: where is it?",
+                 "In what area of the picture is {obj}?", "Please tell me where {obj} is.",
+                 "What part of the image has {obj}?", "Give me the location of {obj}."],
+    "count": ["How many shapes?", "Number of shapes?", "Could you count the shapes?", "How many things are shown?",
+              "Count the objects in the picture.", "How many figures are in the image?",
+              "Please count the shapes.", "How many shapes are in this picture?", "Give me the shape count.",
+              "How many objects do you see here?", "Do you know how many shapes there are?"],
+    "number": ["What's the number?", "Read the number in the picture.", "Which number is written here?",
+               "Could you read the number?", "What number do you see?", "Please read the number.",
+               "What is the number in the image?", "Number shown?", "Give me the number that is written."],
+    "text": ["What's the word?", "Read the word.", "Which word is written here?", "Could you read the word?",
+             "What word do you see?", "Please read the text.", "What does the image say?", "Word shown?",
+             "Give me the word that is written.", "Read the text in the picture."],
+    "beep_count": ["How many beeps?", "Number of beeps?", "Could you count the beeps?",
+                   "How many beeps are in the recording?", "Count the beeps you hear.", "Please count the beeps.",
+                   "How many beeps does the audio have?", "How often does it beep?",
+                   "Give me the number of beeps.", "How many beeps are in this sound?"],
+    "pitch": ["High or low?", "Is it a high or a low beep?", "Are these high or low beeps?",
+              "Could you tell if the beeps are high or low?", "Is the sound high or low?", "Pitch: high or low?",
+              "Please say whether the tone is high or low.", "Are the tones high pitched or low pitched?",
+              "Is this beep high or low?"],
+    "spoken_word": ["What's the word?", "Which word do you hear?", "What word is in the audio?",
+                    "Could you tell me the spoken word?", "What is being said?", "What does the voice say?",
+                    "Please transcribe the word.", "Which word does the speaker say?", "Say the word you hear.",
+                    "What word is spoken?"],
+    "video_move": ["How does the shape move?", "Where does the shape go?", "What direction is the shape going?",
+                   "Which way does the shape go?", "Could you describe how the shape moves?",
+                   "What is the shape's motion?"],
+    "video_size": ["What happens to the size of the shape?", "Does the shape grow or shrink?",
+                   "Is the shape getting larger or smaller?", "Could you describe how the shape changes?",
+                   "What is the shape's motion?"],
+    "video_beeps": ["How many beeps in the video?", "Could you count the beeps in the video?",
+                    "How many beeps does the clip have?", "Please count the beeps in this video.",
+                    "How often does the video beep?", "Number of beeps in the clip?"],
+    "followup_color": ["And the color?", "What about its color?", "Its color?", "And which color?",
+                       "What color?", "And the color of it?"],
+    "followup_shape": ["And the shape?", "What about its shape?", "Its shape?", "And which shape?",
+                       "What shape?", "And the shape of it?"],
+    "followup_position": ["And the position?", "What about its position?", "Its position?", "And where?",
+                          "Where?", "Where is that one?"],
+    "caption_image": ["Caption this image.", "What is shown?", "Describe what you see.", "Describe this picture.",
+                      "What's in the image?", "Please describe the image."],
+    "caption_video": ["Caption this video.", "Describe what happens.", "Describe this clip.",
+                      "What's in the video?", "Please describe the video."],
+    "transcript": ["Transcribe this.", "What is in the audio?", "Describe the audio.", "What's in this sound?",
+                   "Please transcribe the recording."],
+}
+for _key, _more in _TRAIN_MORE.items():
+    TEMPLATES[_key]["train"] = TEMPLATES[_key]["train"] + _more
+
+# Words a user puts around a question (train split only, `synthetic._template`).
+TRAIN_PREFIXES = ("Please, ", "Hey, ", "OK, ", "So, ", "Quick question: ", "Hi! ", "One more thing: ", "Now, ",
+                  "Hmm, ", "Question: ")
+TRAIN_SUFFIXES = (" Thanks.", " Please answer briefly.", " Just one word.", " Thank you!", " Short answer please.")
+
 CAPABILITIES = ("I can look at pictures of simple shapes and tell you their color, shape, position and how "
                 "many there are, read numbers and short words, listen to beeps and spoken words, and watch "
                 "simple videos of moving shapes.")
@@ -84,24 +156,37 @@ REFUSAL = ("I can only answer questions about simple shapes, numbers and words i
 
 # intent -> (prompt pools, fixed answer)
 CHITCHAT: dict[str, tuple[dict[str, list[str]], str]] = {
-    "greeting": (_p(["hi", "hello", "hey", "good morning"], ["hi there", "hello, how are you?", "good evening"]),
+    "greeting": (_p(["hi", "hello", "hey", "good morning", "hello there", "hey!", "hi, how are you?",
+                          "good afternoon", "greetings", "yo", "morning!"], ["hi there", "hello, how are you?", "good evening"]),
                  "Hello! " + CAPABILITIES),
-    "capabilities": (_p(["What can you do?", "help", "What do you do?", "What are you able to do?"],
+    "capabilities": (_p(["What can you do?", "help", "What do you do?", "What are you able to do?",
+                              "What are you good at?", "How do I use you?", "what can I ask you?",
+                              "What do you know how to do?", "Can you help me?", "What are your skills?"],
                         ["What are your abilities?", "How can you help me?", "What kinds of things can you do?"]),
                      CAPABILITIES),
-    "identity": (_p(["Who are you?", "What is your name?"], ["What are you?", "Tell me about yourself."]),
+    "identity": (_p(["Who are you?", "What is your name?", "What's your name?", "Who am I talking to?",
+                          "Introduce yourself.", "Are you a bot?"], ["What are you?", "Tell me about yourself."]),
                  "I am a small assistant. " + CAPABILITIES),
-    "thanks": (_p(["thanks", "thank you"], ["thanks a lot", "cheers, thank you!"]), "You're welcome!"),
+    "thanks": (_p(["thanks", "thank you", "thank you so much", "great, thanks", "many thanks", "thx",
+                        "ok thank you"], ["thanks a lot", "cheers, thank you!"]), "You're welcome!"),
 }
 
 REFUSAL_PROMPTS: dict[str, dict[str, list[str]]] = {
     "text": _p(["What is the capital of France?", "Write me a poem.", "Who won the world cup?", "Tell me a joke.",
-                "Translate hello into Spanish.", "What is the stock price of Apple?"],
+                "Translate hello into Spanish.", "What is the stock price of Apple?",
+                "How far is the moon?", "Explain quantum physics.", "Write an email to my boss.",
+                "What year did the war end?", "Recommend a good movie.", "What is 17 times 23?",
+                "Summarize this article for me.", "Who is the president?", "Give me a recipe for cake.",
+                "How do I fix my car?", "What's the best programming language?"],
                ["Who wrote Hamlet?", "What's the weather like tomorrow?", "Write a short story about a dragon.",
                 "How do I cook pasta?"]),
     "image": _p(["What breed is this dog?", "Whose face is this?", "What brand is this car?",
-                 "What city is this photo from?"],
+                 "What city is this photo from?",
+                "Is this person happy?", "What animal is in the photo?", "How old is this building?",
+                "What is the price of this item?", "Where was this picture taken?"],
                 ["What kind of bird is this?", "Which painter made this?", "What food is on the plate?"]),
-    "audio": _p(["Who is the singer?", "What song is this?", "What instrument is playing?"],
+    "audio": _p(["Who is the singer?", "What song is this?", "What instrument is playing?",
+                "What language is this?", "Who is speaking?", "What mood is this music?",
+                "Is this a man or a woman?"],
                 ["Which band recorded this?", "What music genre is this?"]),
 }

@@ -18,6 +18,7 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from qwen_omni import app_settings as st  # noqa: E402
 from qwen_omni import chat_session as cs  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -30,19 +31,19 @@ MAX_NEW = 64
 # ------------------------------------------------------------------------------------------ pure logic
 
 def test_settings_flags_env_and_gradio_env():
-    s = cs.parse_settings([], {})
+    s = st.parse_settings([], {})
     assert (s.model, s.host, s.port, s.concurrency, s.share) == (None, "127.0.0.1", 7860, 1, False)
     env = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7000", "QWEN_OMNI_MODEL": "m",
            "QWEN_OMNI_SHARE": "true", "QWEN_OMNI_MAX_NEW_TOKENS": "99", "QWEN_OMNI_CONCURRENCY": "3"}
-    s = cs.parse_settings([], env)
+    s = st.parse_settings([], env)
     assert (s.model, s.host, s.port, s.share, s.max_new_tokens, s.concurrency) == ("m", "0.0.0.0", 7000, True, 99, 3)
-    s = cs.parse_settings(["--port", "8000", "--model", "x"], {**env, "QWEN_OMNI_PORT": "7100"})
+    s = st.parse_settings(["--port", "8000", "--model", "x"], {**env, "QWEN_OMNI_PORT": "7100"})
     assert (s.port, s.model) == (8000, "x")
-    assert cs.parse_settings([], {**env, "QWEN_OMNI_PORT": "7100"}).port == 7100
+    assert st.parse_settings([], {**env, "QWEN_OMNI_PORT": "7100"}).port == 7100
     with pytest.raises(SystemExit):
-        cs.parse_settings([], {"QWEN_OMNI_PORT": "abc"})
-    assert cs.queue_options(s) == {"default_concurrency_limit": 3, "max_size": 64}
-    assert cs.launch_options(s)["show_error"] is False
+        st.parse_settings([], {"QWEN_OMNI_PORT": "abc"})
+    assert st.queue_options(s) == {"default_concurrency_limit": 3, "max_size": 64}
+    assert st.launch_options(s)["show_error"] is False
 
 
 def test_missing_default_model_is_explained(monkeypatch, tmp_path, capsys):
@@ -50,7 +51,7 @@ def test_missing_default_model_is_explained(monkeypatch, tmp_path, capsys):
     import qwen_omni.assistant as assistant_mod
 
     monkeypatch.setattr(assistant_mod, "DEFAULT_MODEL", tmp_path / "tiny-omni")
-    monkeypatch.setattr(cs, "ROOT", tmp_path)
+    monkeypatch.setattr(st, "ROOT", tmp_path)
     with pytest.raises(SystemExit) as e:
         app.main([])
     assert "--model" in str(e.value) and "tiny-omni" in str(e.value)
@@ -121,7 +122,7 @@ def test_examples_appear_in_the_page(monkeypatch, tmp_path):
     Image.new("RGB", (32, 32), "red").save(tmp_path / "red_circle.png")
     (tmp_path / "examples.json").write_text('[{"file": "red_circle.png", "text": "what colour is the shape?"}]')
     monkeypatch.setattr(cs, "EXAMPLES_DIR", tmp_path)
-    demo = app.build_demo(FakeAssistant(), cs.parse_settings([], {}))
+    demo = app.build_demo(FakeAssistant(), st.parse_settings([], {}))
     sets = [b for b in demo.blocks.values() if isinstance(b, gr.Dataset)]
     assert len(sets) == 1 and sets[0].samples[0][0]["text"] == "what colour is the shape?"
 
@@ -157,7 +158,7 @@ def server():
     import app
 
     calls, held = [], {}
-    load = cs.load_assistant
+    load = st.load_assistant
 
     def slow_load(settings):
         a = load(settings)
@@ -176,7 +177,7 @@ def server():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cs, "load_assistant", slow_load)
+        mp.setattr(st, "load_assistant", slow_load)
         demo = app.main(["--port", str(port), "--max-new-tokens", str(MAX_NEW)], block=False)
     a = held["assistant"]
     assert a.path.name == "tiny-omni"

@@ -32,6 +32,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (  # noqa
 from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import Qwen3OmniMoeProcessor  # noqa: E402
 
 from qwen_omni.errors import InputError  # noqa: E402
+from tests.tiny_omni import Q3_AUDIO, Q3_TEXT, Q3_VISION, part  # noqa: E402
 from qwen_omni.positions import (RopeSpec, audio_in_video_tokens, audio_tokens, decode_positions,  # noqa: E402
                                  rope_index, vision_tokens)
 
@@ -55,17 +56,7 @@ def tiny_q25_thinker_config():
 
 def tiny_q3_thinker_config():
     return Qwen3OmniMoeThinkerConfig(
-        audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
-                          num_mel_bins=128, max_source_positions=1500, n_window=50, n_window_infer=800,
-                          conv_chunksize=500, downsample_hidden_size=32, output_dim=64),
-        vision_config=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
-                           num_position_embeddings=2304, deepstack_visual_indexes=[0, 1, 2]),
-        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
-                         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3],
-                                          "interleaved": True}),
+        audio_config=part(Q3_AUDIO), vision_config=part(Q3_VISION), text_config=part(Q3_TEXT, vocab_size=1000),
         audio_token_id=Q3_AUDIO_PAD, audio_start_token_id=Q3_AUDIO_BOS, audio_end_token_id=Q3_AUDIO_EOS,
         vision_start_token_id=VISION_BOS, vision_end_token_id=VISION_EOS, position_id_per_seconds=13)
 

@@ -298,6 +298,7 @@ def free_port() -> int:
 
 
 def test_remote_backend_forwards_to_an_openai_compatible_peer(server, reference, model_dir):
+    from qwen_omni import app_settings as st
     from qwen_omni import chat_session as cs
     from qwen_omni.remote import RemoteAssistant, RemoteUnsupportedError
 
@@ -315,8 +316,8 @@ def test_remote_backend_forwards_to_an_openai_compatible_peer(server, reference,
         remote.chat(msgs, speech=True)
     assert remote.chat(msgs, max_new_tokens=10, speech=False, voice="default") == expected
     # the app's --backend openai
-    settings = cs.parse_settings(["--backend", "openai", "--base-url", server + "/v1"], {})
-    assistant = cs.load_assistant(settings)
+    settings = st.parse_settings(["--backend", "openai", "--base-url", server + "/v1"], {})
+    assistant = st.load_assistant(settings)
     steps = list(cs.ChatSession(assistant).submit({"text": "what is it?"}, [], "", cs.Sampling(temperature=0,
                                                                                               max_new_tokens=5)))
     assert steps[-1][1] is None and steps[-1][0][-1]["role"] == "assistant"

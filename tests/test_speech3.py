@@ -37,6 +37,7 @@ from qwen_omni.omni_config import ThinkerConfig  # noqa: E402
 from qwen_omni.positions import RopeSpec, rope_index  # noqa: E402
 from qwen_omni.speech_config import Code2WavConfig  # noqa: E402
 from qwen_omni.talker3 import PREDICTOR_GREEDY, TALKER_GREEDY, load_speech3  # noqa: E402
+from tests.tiny_omni import Q3_AUDIO, Q3_CODE2WAV, Q3_TALKER, Q3_TEXT, Q3_VISION, part  # noqa: E402
 
 IM_START, IM_END, SYSTEM, USER, ASSISTANT, NL = 151644, 151645, 8948, 872, 77091, 198
 VISION_BOS, VISION_EOS, IMAGE_PAD = 151652, 151653, 151655
@@ -57,38 +58,14 @@ def tiny_full_config():
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
 
     thinker = Qwen3OmniMoeThinkerConfig(
-        audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
-                          num_mel_bins=128, max_source_positions=1500, n_window=50, n_window_infer=800,
-                          conv_chunksize=500, downsample_hidden_size=32, output_dim=64),
-        vision_config=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
-                           num_position_embeddings=2304, deepstack_visual_indexes=[0, 1, 2]),
-        text_config=dict(vocab_size=152064, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
-                         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3],
-                                          "interleaved": True}),
+        audio_config=part(Q3_AUDIO), vision_config=part(Q3_VISION), text_config=part(Q3_TEXT, vocab_size=152064),
         audio_token_id=AUDIO_PAD, audio_start_token_id=AUDIO_BOS, audio_end_token_id=AUDIO_EOS,
         vision_start_token_id=VISION_BOS, vision_end_token_id=VISION_EOS, position_id_per_seconds=13)
     return Qwen3OmniMoeConfig(
         thinker_config=thinker.to_dict(),
-        talker_config=dict(
-            text_config=dict(vocab_size=3072, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_intermediate_size=16,
-                             shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2],
-                                              "interleaved": True}),
-            code_predictor_config=dict(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_code_groups=4),
-            num_code_groups=4, thinker_hidden_size=64, accept_hidden_layer=2, codec_eos_token_id=2150,
-            codec_nothink_id=2155, codec_think_bos_id=2156, codec_think_eos_id=2157, codec_pad_id=2148,
-            codec_bos_id=2149, audio_token_id=AUDIO_PAD, audio_start_token_id=AUDIO_BOS,
-            vision_start_token_id=VISION_BOS, position_id_per_seconds=13, speaker_id={"ethan": 2302},
-            spatial_merge_size=2),
-        code2wav_config=dict(codebook_size=2048, hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
-                             intermediate_size=64, num_hidden_layers=1, num_quantizers=4, decoder_dim=64,
-                             sliding_window=8, max_position_embeddings=1000,
-                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+        talker_config=part(Q3_TALKER, audio_token_id=AUDIO_PAD, audio_start_token_id=AUDIO_BOS,
+                           vision_start_token_id=VISION_BOS, speaker_id={"ethan": 2302}),
+        code2wav_config=part(Q3_CODE2WAV))
 
 
 def spread_code2wav(c2w: torch.nn.Module) -> None:

@@ -2,6 +2,7 @@
 family's special tokens and chat template, and a preprocessor config: everything `qwen_omni.load` reads."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -61,26 +62,49 @@ def save_tokenizer(d: Path, family: str) -> dict[str, int]:
     return ids
 
 
+# The tiny Qwen3-Omni parts every test builds (vocab, token ids and context length are the caller's).
+Q3_AUDIO = dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, num_mel_bins=128,
+                max_source_positions=1500, n_window=50, n_window_infer=800, conv_chunksize=500,
+                downsample_hidden_size=32, output_dim=64)
+Q3_VISION = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16, spatial_merge_size=2,
+                 temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=2304,
+                 deepstack_visual_indexes=[0, 1, 2])
+Q3_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+               norm_topk_prob=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                     "mrope_section": [2, 3, 3], "interleaved": True})
+# A tiny Qwen3-Omni talker (MoE with a shared expert, 4 code groups) and Code2Wav, for a 64-wide thinker.
+Q3_TALKER = dict(
+    text_config=dict(vocab_size=3072, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_intermediate_size=16,
+                     shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2],
+                                      "interleaved": True}),
+    code_predictor_config=dict(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_code_groups=4),
+    num_code_groups=4, thinker_hidden_size=64, accept_hidden_layer=2, codec_eos_token_id=2150,
+    codec_nothink_id=2155, codec_think_bos_id=2156, codec_think_eos_id=2157, codec_pad_id=2148, codec_bos_id=2149,
+    position_id_per_seconds=13, spatial_merge_size=2)
+Q3_CODE2WAV = dict(codebook_size=2048, hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
+                   intermediate_size=64, num_hidden_layers=1, num_quantizers=4, decoder_dim=64, sliding_window=8,
+                   max_position_embeddings=1000, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def part(base: dict, **fields) -> dict:
+    """A fresh (deep) copy of one of the Q3_* parts with `fields` set: configs may edit nested dicts in place."""
+    return {**copy.deepcopy(base), **fields}
+
+
 def thinker_config(family: str, ids: dict[str, int], vocab: int = 600):
     if family == "qwen3":
         from transformers import Qwen3OmniMoeThinkerConfig as C
 
-        return C(
-            audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
-                              num_mel_bins=128, max_source_positions=1500, n_window=50, n_window_infer=800,
-                              conv_chunksize=500, downsample_hidden_size=32, output_dim=64),
-            vision_config=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16,
-                               spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
-                               num_position_embeddings=2304, deepstack_visual_indexes=[0, 1, 2]),
-            text_config=dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
-                             num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=8192,
-                             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3],
-                                              "interleaved": True}),
-            audio_token_id=ids["audio"], image_token_id=ids["image"], video_token_id=ids["video"],
-            audio_start_token_id=ids["audio_start"], audio_end_token_id=ids["audio_end"],
-            vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
-            position_id_per_seconds=13)
+        return C(audio_config=part(Q3_AUDIO), vision_config=part(Q3_VISION),
+                 text_config=part(Q3_TEXT, vocab_size=vocab, max_position_embeddings=8192),
+                 audio_token_id=ids["audio"], image_token_id=ids["image"], video_token_id=ids["video"],
+                 audio_start_token_id=ids["audio_start"], audio_end_token_id=ids["audio_end"],
+                 vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+                 position_id_per_seconds=13)
     from transformers import Qwen2_5OmniThinkerConfig as C
 
     return C(

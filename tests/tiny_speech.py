@@ -22,7 +22,7 @@ import transformers.utils.import_utils as _tiu  # noqa: E402
 _tu.is_torchaudio_available = lambda: False  # the installed torchaudio wheel cannot load with this torch
 _tiu.is_torchaudio_available = lambda: False
 
-from .tiny_omni import CORPUS, Q3_TEMPLATE, TOKENS, thinker_config  # noqa: E402
+from .tiny_omni import CORPUS, Q3_CODE2WAV, Q3_TALKER, Q3_TEMPLATE, TOKENS, part, thinker_config  # noqa: E402
 
 Q3_EXTRA = ["system", "user", "assistant", "<tts_pad>", "<tts_bos>", "<tts_eos>"]
 PREPROCESSOR = {"merge_size": 2, "temporal_patch_size": 2, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280,
@@ -79,24 +79,11 @@ def make_qwen3_full(d: Path, seed: int = 0, overrides: dict | None = None):
     th = thinker_config("qwen3", ids)
     cfg = Qwen3OmniMoeConfig(
         thinker_config=th.to_dict(),
-        talker_config=dict(
-            text_config=dict(vocab_size=3072, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_intermediate_size=16,
-                             shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2],
-                                              "interleaved": True}),
-            code_predictor_config=dict(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_code_groups=4),
-            num_code_groups=4, thinker_hidden_size=64, accept_hidden_layer=2, codec_eos_token_id=2150,
-            codec_nothink_id=2155, codec_think_bos_id=2156, codec_think_eos_id=2157, codec_pad_id=2148,
-            codec_bos_id=2149, audio_token_id=ids["audio"], image_token_id=ids["image"], video_token_id=ids["video"],
+        talker_config=part(
+            Q3_TALKER, audio_token_id=ids["audio"], image_token_id=ids["image"], video_token_id=ids["video"],
             audio_start_token_id=ids["audio_start"], vision_start_token_id=ids["vision_start"],
-            position_id_per_seconds=13, speaker_id={"chelsie": 2301, "ethan": 2302, "aiden": 2303},
-            spatial_merge_size=2),
-        code2wav_config=dict(codebook_size=2048, hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
-                             intermediate_size=64, num_hidden_layers=1, num_quantizers=4, decoder_dim=64,
-                             sliding_window=8, max_position_embeddings=1000,
-                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            speaker_id={"chelsie": 2301, "ethan": 2302, "aiden": 2303}),
+        code2wav_config=part(Q3_CODE2WAV),
         im_start_token_id=ids["<|im_start|>"], im_end_token_id=ids["<|im_end|>"], system_token_id=ids["system"],
         user_token_id=ids["user"], assistant_token_id=ids["assistant"], tts_pad_token_id=ids["<tts_pad>"],
         tts_bos_token_id=ids["<tts_bos>"], tts_eos_token_id=ids["<tts_eos>"])
