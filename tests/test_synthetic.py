@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from qwen_omni import synthetic_audio as sa
 from qwen_omni import synthetic_media as sm
 from qwen_omni.synthetic import TASKS, Sample, iter_samples, make_sample, normalize_answer
-from qwen_omni.synthetic_templates import CHITCHAT, REFUSAL_PROMPTS, TEMPLATES
+from qwen_omni.synthetic_templates import CHITCHAT, REFUSAL_PROMPTS, TEMPLATES, TRAIN_PREFIXES, TRAIN_SUFFIXES
 
 needs_espeak = pytest.mark.skipif(sa.ESPEAK is None,
                                   reason="espeak-ng CLI not installed (apt-get install espeak-ng)")
@@ -149,6 +149,15 @@ def test_surface_variation_present():
     qs = [make_sample("colour", s).messages[-1]["content"][-1]["text"] for s in range(80)]
     assert any("colour" in q.lower() for q in qs) and any("color" in q.lower() for q in qs)
     assert any(q == q.lower() for q in qs) and any(not q.endswith(("?", ".")) for q in qs)
+    # words around the question: train samples only (held-out samples are exactly what they were before)
+    starts = tuple(p.lower() for p in TRAIN_PREFIXES)
+    ends = tuple(x.lower().rstrip("?.!") for x in TRAIN_SUFFIXES)
+    def wrapped(q):
+        return q.lower().startswith(starts) or q.lower().rstrip("?.!").endswith(ends)
+    assert sum(map(wrapped, qs)) >= 10
+    held = [make_sample(t, s, "heldout").messages[-1]["content"][-1]["text"] for t in ("colour", "count")
+            for s in range(60)]
+    assert not any(map(wrapped, held))
 
 
 @pytest.mark.parametrize("raw,norm", [
