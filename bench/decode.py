@@ -47,6 +47,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import TokenClock  # noqa: E402
+
 PROMPT = 128
 AGREE = 32  # greedy tokens compared for accuracy
 HEADS = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
@@ -112,26 +114,13 @@ def peak_rss_mb() -> float:
 
 
 # --------------------------------------------------------------------------------------------------- worker --
-class FirstTokenClock:
-    """A transformers streamer that timestamps each `put` (the prompt first, then every new token)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
 def run_theirs(path: str, dtype: torch.dtype, ids: torch.Tensor, n: int):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     model.generate(ids[:, :16], max_new_tokens=3, min_new_tokens=3, **kw)  # warm-up
-    clock = FirstTokenClock()
+    clock = TokenClock()
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, streamer=clock, **kw)
     t_first, t_last = clock.times[1], clock.times[-1]  # times[0] is the prompt being put

@@ -24,6 +24,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import run_clients  # noqa: E402
 from tests.serve_utils import b64, data_url, mp4_bytes, png_bytes, wav_bytes  # noqa: E402
 
 KINDS = ["text", "image", "audio", "video", "stream", "cancel"]
@@ -117,13 +118,7 @@ def run_load(url: str, model: str, clients: int = 8, requests: int = 20, max_tok
                     if on_done is not None:
                         on_done(sum(counts.values()))
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client, clients)
     leaked = {}
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # a cancel reaches the scheduler within one decode step

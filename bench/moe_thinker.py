@@ -39,6 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import TokenClock  # noqa: E402
+
 # transformers imports torchaudio when installed, and the installed wheel cannot load with this torch.
 import transformers.utils as _tu  # noqa: E402
 import transformers.utils.import_utils as _tiu  # noqa: E402
@@ -92,19 +94,6 @@ def prompt() -> list[dict]:
                                          {"type": "text", "text": "what is in this picture? describe the image."}]}]
 
 
-class Clock:
-    """A transformers streamer that timestamps each `put` (the prompt first, then every new token)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
 def run_transformers(model, inputs: dict, n: int, warm_up: bool) -> dict:
     hf_inputs = {k: inputs[k] for k in ("input_ids", "pixel_values", "image_grid_thw")}
     hf_inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
@@ -112,7 +101,7 @@ def run_transformers(model, inputs: dict, n: int, warm_up: bool) -> dict:
     with torch.no_grad():
         if warm_up:
             model.generate(**hf_inputs, max_new_tokens=2, min_new_tokens=2, **kw)
-        clock = Clock()
+        clock = TokenClock()
         t0 = time.perf_counter()
         out = model.generate(**hf_inputs, max_new_tokens=n, min_new_tokens=n, streamer=clock, **kw)
     t_first, t_last = clock.times[1], clock.times[-1]  # times[0]: the prompt being put

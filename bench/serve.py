@@ -39,6 +39,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import run_clients  # noqa: E402
 from tests.serve_utils import data_url, png_bytes, wait_ready  # noqa: E402
 
 
@@ -157,13 +158,7 @@ def throughput(server: Server, clients: int, requests: int, tokens: int) -> dict
             with lock:
                 ttfts.append(ttft)
                 total[0] += n
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client, clients)
     return {"clients": clients, "tokens": total[0], "seconds": round(wall, 2),
             "tokens_per_s": round(total[0] / wall, 1), "ttft_p50_ms": round(1000 * pct(ttfts, 0.5), 1),
             "ttft_p95_ms": round(1000 * pct(ttfts, 0.95), 1)}

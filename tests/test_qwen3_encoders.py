@@ -25,15 +25,11 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_mod
 from encoders.common import from_hf_dict  # noqa: E402
 from encoders.qwen3_audio import Qwen3AudioConfig, Qwen3AudioEncoder, audio_output_lengths  # noqa: E402
 from encoders.qwen3_vision import Qwen3VisionConfig, Qwen3VisionEncoder  # noqa: E402
+from tests.tiny_omni import Q3_AUDIO, Q3_VISION, part  # noqa: E402
 
 TOL = 1e-5
 
-AUDIO = dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, num_mel_bins=128,
-             max_source_positions=1500, n_window=50, n_window_infer=800, conv_chunksize=500,
-             downsample_hidden_size=32, output_dim=64)
-VISION = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16, spatial_merge_size=2,
-              temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=2304,
-              deepstack_visual_indexes=[0, 1, 2])
+AUDIO, VISION = part(Q3_AUDIO), part(Q3_VISION)  # the tiny Qwen3-Omni encoders every test builds
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
