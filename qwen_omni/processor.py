@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from encoders import media, preprocess
+from encoders import media, preprocess, video
 
 from .errors import InputError
 from .omni_config import ThinkerConfig
@@ -139,11 +139,11 @@ class Processor:
             spf = float(src.get("seconds_per_frame", 1.0 / float(src.get("fps", p.fps))))
             wav = src.get("audio")
         else:
-            info = media.probe(src)  # header only: refuse long videos before decoding their frames
+            info = video.probe(src)  # header only: refuse long videos before decoding their frames
             if info.duration * p.fps > self.budgets.max_video_frames * 1.5:
                 raise InputError(f"the video lasts {info.duration:.0f} s, too long for the frame budget "
                                  f"({self.budgets.max_video_frames} frames at {p.fps:g} fps): send a shorter clip")
-            v = media.load_video(src, fps=p.fps, min_frames=p.min_frames, max_frames=p.max_frames,
+            v = video.load_video(src, fps=p.fps, min_frames=p.min_frames, max_frames=p.max_frames,
                                  with_audio=use_audio)
             frames, spf, wav = v.frames, v.seconds_per_frame, v.audio
             if use_audio and wav is None and v.audio_error:

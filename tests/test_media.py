@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from encoders.media import MediaError, Video, load_audio, load_image, load_video, sample_frame_indices
+from encoders.media import MediaError, load_audio, load_image
+from encoders.video import Video, load_video, sample_frame_indices
 from encoders.preprocess import image_patches, smart_resize
 
 SINE_HZ, AMP = 440.0, 0.5
@@ -346,7 +347,7 @@ def test_tiny_and_elongated_images_rejected_at_resize(tmp_path):
 
 
 def test_probe(media):
-    from encoders.media import probe
+    from encoders.video import probe
     info = probe(media / "v.webm")
     assert info.has_video and info.has_audio and (info.width, info.height) == (64, 48)
     assert info.duration == pytest.approx(2.0, abs=0.1) and info.native_fps == 10.0

@@ -54,7 +54,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.processing_utils import OmniModalProcessorMixin  # noqa: E402
 
 import qwen_omni  # noqa: E402
-from encoders import media, preprocess  # noqa: E402
+from encoders import preprocess, video  # noqa: E402
 from qwen_omni.generate import generate  # noqa: E402
 from qwen_omni.sampling import SamplingParams  # noqa: E402
 
@@ -186,10 +186,10 @@ def case(env, name: str):
     if name == "audio_3s":
         return [user(aud("3s"), "what do you hear in the audio clip?")], dict(audio=[env.wav["3s"]]), False
     if name == "video":
-        frames = media.load_video(m / "silent.mkv", fps=2.0).frames
+        frames = video.load_video(m / "silent.mkv", fps=2.0).frames
         return [user(vid("silent.mkv"), "it moves to the left.")], dict(videos=[frames]), False
     if name == "video_audio":
-        v = media.load_video(m / "sound.mkv", fps=2.0, with_audio=True)
+        v = video.load_video(m / "sound.mkv", fps=2.0, with_audio=True)
         return ([user(vid("sound.mkv"), "what do you hear?")],
                 dict(videos=[v.frames], audio=[v.audio], audio_from_video_indices=[0], load_audio_from_video=True),
                 True)
