@@ -2,6 +2,7 @@
 
     python bench/moe_thinker.py                       # float32 (the CPU default of `load`), 64 new tokens
     python bench/moe_thinker.py --dtype bfloat16 --tokens 32 --keep /tmp/moe-thinker   # reuse the checkpoint
+    python bench/moe_thinker.py --dtype bfloat16 --int8 ...   # + ours with int8 decoder weights (quant.py)
 
 Model: a `Qwen3OmniMoeThinkerForConditionalGeneration` built in-process by transformers with random weights (its
 own init, bf16), `save_pretrained` to a temp dir, and loaded from there by `qwen_omni.load`; the transformers
@@ -150,12 +151,12 @@ def bytes_per_token(model, context: float) -> int:
     """Bytes one decode step reads: used weights once (experts: k of E; one embedding row ~ 0), plus the KV cache."""
     t = model.cfg.text
     total = 0
-    for name, p in model.named_parameters():
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:  # int8 weights are buffers (quant.py)
         if name.startswith(("audio_tower.", "visual.", "model.embed_tokens.")):
             continue
         n = p.numel() * p.element_size()
         total += n * t.num_experts_per_tok // t.num_experts if ".experts." in name else n
-    elem = model.lm_head.weight.element_size()
+    elem = model.model.embed_tokens.weight.element_size()
     return total + int(t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * context * elem)
 
 
@@ -166,6 +167,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="timed runs per implementation, alternating; best taken")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--keep", type=Path, help="build the checkpoint here once and reuse it (default: a temp dir)")
+    p.add_argument("--int8", action="store_true",
+                   help="also time ours with int8 decoder weights (`load(quantize='int8')`), a third row")
     args = p.parse_args()
     if args.tokens < 2 or args.rounds < 1:
         raise SystemExit("--tokens must be at least 2 and --rounds at least 1")
@@ -197,20 +200,29 @@ def main() -> None:
               f"({int((inputs['input_ids'] == assistant.model.cfg.image_token_id).sum())} image), "
               f"{args.tokens} new tokens; read bandwidth {bandwidth / 1e9:.1f} GB/s; checkpoint ready in {built:.0f} s",
               flush=True)
-        runs: dict[str, list[dict]] = {"transformers": [], "ours": []}
-        for r in range(args.rounds):  # alternate, so that a change in machine load hits both alike
-            runs["transformers"].append(run_transformers(hf, inputs, args.tokens, warm_up=r == 0))
-            runs["ours"].append(run_ours(assistant, messages, args.tokens, warm_up=r == 0))
-            print(f"[round {r + 1}: transformers {runs['transformers'][-1]['tok_s']:.2f} tok/s, ours "
-                  f"{runs['ours'][-1]['tok_s']:.2f} tok/s; {time.perf_counter() - start:.0f} s so far]", flush=True)
-        theirs, ours = (max(runs[k], key=lambda r: r["tok_s"]) for k in ("transformers", "ours"))
+        impls = {"transformers": (None, floor), "ours": (assistant, floor)}
+        if args.int8:
+            q8 = load(d, device="cpu", dtype=dtype, quantize="int8")
+            impls["ours int8"] = (q8, bandwidth / bytes_per_token(q8.model, n_prompt + args.tokens / 2))
+        runs: dict[str, list[dict]] = {k: [] for k in impls}
+        for r in range(args.rounds):  # alternate, so that a change in machine load hits all alike
+            for name, (a, _) in impls.items():
+                runs[name].append(run_transformers(hf, inputs, args.tokens, warm_up=r == 0) if a is None else
+                                  run_ours(a, messages, args.tokens, warm_up=r == 0))
+            print(f"[round {r + 1}: " + ", ".join(f"{k} {v[-1]['tok_s']:.2f} tok/s" for k, v in runs.items())
+                  + f"; {time.perf_counter() - start:.0f} s so far]", flush=True)
+        best = {k: max(v, key=lambda r: r["tok_s"]) for k, v in runs.items()}
     print(f"\n{'impl':<14}{'prefill ms':>11}{'decode tok/s':>14}{'floor tok/s':>13}{'% floor':>9}")
-    for name, r in (("transformers", theirs), ("ours", ours)):
-        pct = 100 * r["tok_s"] / floor
-        print(f"{name:<14}{r['prefill_s'] * 1e3:>11.0f}{r['tok_s']:>14.2f}{floor:>13.2f}{pct:>8.0f}%")
-    agree = next((i for i, (a, b) in enumerate(zip(ours["tokens"], theirs["tokens"])) if a != b), args.tokens)
-    print(f"\ndecode speed ours / transformers: {ours['tok_s'] / theirs['tok_s']:.2f}x (target >= 1.5x)")
-    print(f"greedy tokens identical for the first {agree} of {args.tokens}")
+    for name, r in best.items():
+        pct = 100 * r["tok_s"] / impls[name][1]
+        print(f"{name:<14}{r['prefill_s'] * 1e3:>11.0f}{r['tok_s']:>14.2f}{impls[name][1]:>13.2f}{pct:>8.0f}%")
+    theirs = best["transformers"]
+    print()
+    for name in [k for k in best if k != "transformers"]:
+        agree = next((i for i, (a, b) in enumerate(zip(best[name]["tokens"], theirs["tokens"])) if a != b),
+                     args.tokens)
+        print(f"decode speed {name} / transformers: {best[name]['tok_s'] / theirs['tok_s']:.2f}x (target >= 1.5x); "
+              f"greedy tokens identical for the first {agree} of {args.tokens}")
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

@@ -31,6 +31,7 @@ class Settings:
     base_url: str | None = None
     api_key: str | None = None
     max_audio_seconds: float | None = None  # cap on one spoken reply (talker steps); None: the reference's
+    quantize: str | None = None  # "int8": decoder weights as int8 (CPU)
 
 
 def _flag(value: str | None) -> bool:
@@ -49,6 +50,8 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
                    help="checkpoint directory or Hub id (default: the embedded model in assets/tiny-omni)")
     p.add_argument("--device", default=pick("QWEN_OMNI_DEVICE"), help="cpu, cuda, cuda:1, mps (default: best)")
     p.add_argument("--dtype", default=pick("QWEN_OMNI_DTYPE"), choices=[None, "float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=pick("QWEN_OMNI_QUANTIZE"), choices=[None, "int8"],
+                   help="int8: decoder weights stored as int8, faster CPU decoding")
     p.add_argument("--host", default=pick("QWEN_OMNI_HOST", "GRADIO_SERVER_NAME", default="127.0.0.1"))
     p.add_argument("--port", type=int, default=pick("QWEN_OMNI_PORT", "GRADIO_SERVER_PORT", default="7860"))
     p.add_argument("--share", action="store_true", default=_flag(pick("QWEN_OMNI_SHARE")),
@@ -72,7 +75,7 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     if a.backend == "openai" and not a.base_url:
         p.error("--backend openai needs --base-url")
     return Settings(a.model, a.device, a.dtype, a.host, a.port, a.share, a.inbrowser, a.max_new_tokens,
-                    a.concurrency, a.queue_size, a.backend, a.base_url, a.api_key, a.max_audio_seconds)
+                    a.concurrency, a.queue_size, a.backend, a.base_url, a.api_key, a.max_audio_seconds, a.quantize)
 
 
 def load_assistant(settings: Settings):
@@ -87,7 +90,7 @@ def load_assistant(settings: Settings):
         raise CheckpointError(
             f"the default model ({DEFAULT_MODEL.relative_to(ROOT)}) is not in this checkout; pass --model PATH "
             f"(a checkpoint directory or a Hub id such as Qwen/Qwen2.5-Omni-3B) or set QWEN_OMNI_MODEL")
-    assistant = load(settings.model, device=settings.device, dtype=settings.dtype)
+    assistant = load(settings.model, device=settings.device, dtype=settings.dtype, quantize=settings.quantize)
     assistant.speech.max_audio_seconds = settings.max_audio_seconds
     return assistant
 

@@ -52,17 +52,27 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 
 
 def load(model: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-         speech: bool | str = "lazy") -> "Assistant":
+         speech: bool | str = "lazy", quantize: str | None = None) -> "Assistant":
     """Load a checkpoint (local directory or Hub id; default: the embedded model in assets/).
 
     speech: "lazy" (default) loads a full Omni checkpoint's talker and vocoder when a spoken reply is first asked
     for; True loads them now; False disables spoken replies (see speech.py).
+    quantize: "int8" stores the decoder's linear and expert weights as int8 (CPU only; quant.py): faster decoding
+    and less memory, at a small accuracy cost. The encoders, embedding, norms and routers stay in `dtype`.
     """
     from .loader import resolve_checkpoint
 
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize={quantize!r}: the only quantization is 'int8'")
     path = resolve_checkpoint(model if model is not None else DEFAULT_MODEL)
     dev = pick_device(device)
+    if quantize and dev.type != "cpu":
+        raise ValueError(f"int8 quantization runs on the CPU only (torch's int8 kernel); this device is {dev}")
     net, kind = build_model(path, pick_dtype(dtype, dev), dev)
+    if quantize:
+        from .quant import quantize_int8
+
+        quantize_int8(net, skip=("visual", "audio_tower"))
     return Assistant(net, Tokenizer.from_dir(path), path, kind, build_processor(path, net), speech=speech)
 
 
@@ -74,7 +84,7 @@ class Assistant:
         self.model, self.tokenizer, self.path, self.kind = model, tokenizer, path, kind
         self.processor = processor  # media -> tensors for Omni thinkers; None for text-only models
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
         self.context_window = model.cfg.max_position_embeddings
         self.stop_ids = self._stop_ids()
         self.prefix_cache = PrefixCache(capacity=4)

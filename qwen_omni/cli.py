@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default=None, help="model directory or Hub id (default: the embedded model)")
     chat.add_argument("--device", default=None)
     chat.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    chat.add_argument("--quantize", default=None, choices=["int8"], help="int8: decoder weights stored as int8, faster CPU decoding (quant.py)")
     chat.add_argument("--image", action="append", default=[], help="attach an image (repeatable)")
     chat.add_argument("--audio", action="append", default=[], help="attach an audio file (repeatable)")
     chat.add_argument("--video", action="append", default=[], help="attach a video (repeatable)")
@@ -48,7 +49,7 @@ def user_turn(text: str, images=(), audios=(), videos=()) -> dict:
 def run_chat(args) -> int:
     from . import load
 
-    assistant = load(args.model, device=args.device, dtype=args.dtype)
+    assistant = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
     media = dict(images=args.image, audios=args.audio, videos=args.video)

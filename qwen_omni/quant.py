@@ -115,8 +115,10 @@ def quantizable(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace, in place, every eligible nn.Linear by `Int8Linear` and every `Experts` by `Int8Experts`.
+def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace, in place, every eligible nn.Linear by `Int8Linear` and every `Experts` by `Int8Experts`,
+    except under the submodules named in `skip` (a Thinker's encoders: they run once per media, on many rows,
+    where int8 would only add a dequantization).
 
     One module at a time, so peak memory is the float model plus one matrix. Returns `model`. Callers that
     read a dtype or device off `lm_head.weight` should read it off the embedding instead (it stays float).
@@ -127,7 +129,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     keep |= {id(m) for m in model.modules()
              if isinstance(m, nn.Linear) and id(m.weight) in tables and m.weight.dtype == COMPUTE}  # tied bf16 head
     for name, module in list(model.named_modules()):
-        if id(module) in keep or not quantizable(module):
+        if id(module) in keep or not quantizable(module) or name.split(".")[0] in skip:
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model

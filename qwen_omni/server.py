@@ -254,6 +254,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--model", default=None, help="model directory or Hub id (default: the embedded model)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8"], help="int8: decoder weights stored as int8, faster CPU decoding (quant.py)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("QWEN_OMNI_API_KEY"),
@@ -303,8 +304,8 @@ def engine_loader(args) -> Callable[[], Any]:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        return LocalEngine(load(args.model, device=args.device, dtype=args.dtype), args.max_batch, args.max_queue,
-                           args.max_model_len, args.prefix_cache_size)
+        assistant = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        return LocalEngine(assistant, args.max_batch, args.max_queue, args.max_model_len, args.prefix_cache_size)
     return load_local
 
 

@@ -43,11 +43,16 @@ class Thinker(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype: the embedding's (it stays float when the linears are quantized, quant.py)."""
+        return self.model.embed_tokens.weight.dtype
+
     # ---- encoders -----------------------------------------------------------------------------------------
     def encode_vision(self, pixels: torch.Tensor, grid_thw: torch.Tensor):
         """-> (features (n_tokens, H), deepstack list or None) for images or videos."""
         t0 = time.perf_counter()
-        out = self.visual(pixels.to(self.lm_head.weight.dtype), grid_thw)
+        out = self.visual(pixels.to(self.dtype), grid_thw)
         self.encode_seconds += time.perf_counter() - t0
         return out if isinstance(out, tuple) else (out, None)
 
@@ -56,7 +61,7 @@ class Thinker(nn.Module):
         lens = feature_mask.sum(-1).long()
         frames = input_features.transpose(1, 2)[feature_mask.bool()].T  # (mels, sum L) valid frames only
         t0 = time.perf_counter()
-        out = self.audio_tower(frames.to(self.lm_head.weight.dtype), lens)
+        out = self.audio_tower(frames.to(self.dtype), lens)
         self.encode_seconds += time.perf_counter() - t0
         return out
 
@@ -66,7 +71,7 @@ class Thinker(nn.Module):
 
         Returns (embeds (1, S, H), deepstack list | None, visual mask (1, S) | None).
         """
-        ids = inputs["input_ids"][:, start:].to(self.lm_head.weight.device)
+        ids = inputs["input_ids"][:, start:].to(self.model.embed_tokens.weight.device)
         h = self.model.embed_tokens(ids)
         c = self.cfg
         visual_mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -130,7 +135,7 @@ class Thinker(nn.Module):
     # ---- the runner interface used by Assistant / generate -------------------------------------------------
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         t = self.cfg.text
-        p = self.lm_head.weight
+        p = self.model.embed_tokens.weight  # stays float when the linears are quantized (quant.py)
         cache = KVCache(t.num_hidden_layers, batch, max_len, t.num_key_value_heads, t.head_dim, p.dtype, p.device)
         cache.rope_deltas = torch.zeros(batch, 1, dtype=torch.float32, device=p.device)
         return cache
