@@ -37,7 +37,8 @@ from qwen_omni.omni_config import ThinkerConfig  # noqa: E402
 from qwen_omni.positions import RopeSpec, rope_index  # noqa: E402
 from qwen_omni.speech_config import Code2WavConfig  # noqa: E402
 from qwen_omni.talker3 import PREDICTOR_GREEDY, TALKER_GREEDY, load_speech3  # noqa: E402
-from tests.tiny_omni import Q3_AUDIO, Q3_CODE2WAV, Q3_TALKER, Q3_TEXT, Q3_VISION, part  # noqa: E402
+from tests.tiny_omni import (Q3_AUDIO, Q3_CODE2WAV, Q3_TALKER, Q3_TEXT, Q3_VISION, init_stacked_experts,  # noqa: E402
+                             part)
 
 IM_START, IM_END, SYSTEM, USER, ASSISTANT, NL = 151644, 151645, 8948, 872, 77091, 198
 VISION_BOS, VISION_EOS, IMAGE_PAD = 151652, 151653, 151655
@@ -124,6 +125,7 @@ def ref(tmp_path_factory):
     d = tmp_path_factory.mktemp("q3full")
     torch.manual_seed(0)
     hf = Qwen3OmniMoeForConditionalGeneration(tiny_full_config()).eval()
+    init_stacked_experts(hf)
     spread_code2wav(hf.code2wav)
     hf.save_pretrained(d)
     hf.talker.config.audio_config = hf.config.thinker_config.audio_config  # HF 5.24 workaround (see docstring)

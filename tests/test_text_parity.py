@@ -66,7 +66,9 @@ def test_prefill_then_decode_equals_full_forward(pair):
         for i in range(16, 24):
             steps.append(m(ids[:, i:i + 1], cache=cache))
     inc = torch.cat(steps, dim=1)
-    assert (inc - full).abs().max().item() <= 1e-5
+    # float32 rounding only: the same products summed in another order (one row vs many; AVX2 and AVX-512 kernels
+    # block differently), so the bound scales with the logits (|logit| up to ~4 here; 1.5e-5 seen on AVX2)
+    assert (inc - full).abs().max().item() <= 1e-5 * max(1.0, full.abs().max().item())
 
 
 def test_batched_rows_of_different_lengths(pair):

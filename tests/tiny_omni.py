@@ -95,6 +95,18 @@ def part(base: dict, **fields) -> dict:
     return {**copy.deepcopy(base), **fields}
 
 
+def init_stacked_experts(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Seeded normal values for every stacked MoE expert tensor (`experts.gate_up_proj`, `experts.down_proj`).
+
+    transformers 5.24's `_init_weights` skips them in the Qwen3-Omni talker (and in the full model's thinker): they
+    stay `torch.empty`, i.e. whatever memory held, usually denormals but now and then NaN, which once made a random
+    talker's logits NaN in one CI run out of several. Call right after building a model, under a fixed seed."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.normal_(0, std)
+
+
 def thinker_config(family: str, ids: dict[str, int], vocab: int = 600):
     if family == "qwen3":
         from transformers import Qwen3OmniMoeThinkerConfig as C

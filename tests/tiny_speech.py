@@ -22,7 +22,8 @@ import transformers.utils.import_utils as _tiu  # noqa: E402
 _tu.is_torchaudio_available = lambda: False  # the installed torchaudio wheel cannot load with this torch
 _tiu.is_torchaudio_available = lambda: False
 
-from .tiny_omni import CORPUS, Q3_CODE2WAV, Q3_TALKER, Q3_TEMPLATE, TOKENS, part, thinker_config  # noqa: E402
+from .tiny_omni import (CORPUS, Q3_CODE2WAV, Q3_TALKER, Q3_TEMPLATE, TOKENS, init_stacked_experts,  # noqa: E402
+                        part, thinker_config)
 
 Q3_EXTRA = ["system", "user", "assistant", "<tts_pad>", "<tts_bos>", "<tts_eos>"]
 PREPROCESSOR = {"merge_size": 2, "temporal_patch_size": 2, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280,
@@ -89,6 +90,7 @@ def make_qwen3_full(d: Path, seed: int = 0, overrides: dict | None = None):
         tts_bos_token_id=ids["<tts_bos>"], tts_eos_token_id=ids["<tts_eos>"])
     torch.manual_seed(seed)
     hf = Qwen3OmniMoeForConditionalGeneration(resized(cfg, overrides)).eval()
+    init_stacked_experts(hf)
     with torch.no_grad():  # a thinker whose logits depend visibly on its input, as tiny_omni.make_thinker does
         for name, p in hf.thinker.named_parameters():
             if "norm" not in name and "ln" not in name:
