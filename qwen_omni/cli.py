@@ -13,15 +13,21 @@ import sys
 from .errors import QwenOmniError
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """What `load` takes from a command line (`chat` and `serve`): --model, --device, --dtype, --quantize."""
+    p.add_argument("--model", default=None, help="model directory or Hub id (default: the embedded model)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8: decoder weights stored as int8, faster CPU decoding (quant.py)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m qwen_omni", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     chat = sub.add_parser("chat", help="chat with a model in the terminal")
     chat.add_argument("question", nargs="?", help="ask once and exit; omit for an interactive chat")
-    chat.add_argument("--model", default=None, help="model directory or Hub id (default: the embedded model)")
-    chat.add_argument("--device", default=None)
-    chat.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    chat.add_argument("--quantize", default=None, choices=["int8"], help="int8: decoder weights stored as int8, faster CPU decoding (quant.py)")
+    add_model_arguments(chat)
     chat.add_argument("--image", action="append", default=[], help="attach an image (repeatable)")
     chat.add_argument("--audio", action="append", default=[], help="attach an audio file (repeatable)")
     chat.add_argument("--video", action="append", default=[], help="attach a video (repeatable)")

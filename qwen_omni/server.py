@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .cli import add_model_arguments
 from .engines import Job, LocalEngine, RemoteEngine, api_error
 from .openai_api import APIError, ChatRequest, MediaPolicy, StopText, chunk, completion, completion_id, \
     parse_chat_request, usage
@@ -251,10 +252,7 @@ async def cancel_on_disconnect(request, job: Job, every: float = 0.5) -> None:
 
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve an OpenAI-compatible API (see docs/serving.md)")
-    p.add_argument("--model", default=None, help="model directory or Hub id (default: the embedded model)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--quantize", default=None, choices=["int8"], help="int8: decoder weights stored as int8, faster CPU decoding (quant.py)")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("QWEN_OMNI_API_KEY"),
