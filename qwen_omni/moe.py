@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+DENSE_MAX_ROWS = 8  # see SparseMoE._dense_pays
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x (..., K), weight (N, K); one bf16 CPU row goes through the GEMV kernel."""
     # Same dtypes only: under CPU autocast (training with --bf16) the weight stays fp32 and F.linear casts.
@@ -94,6 +97,8 @@ class SparseMoE(nn.Module):
         w, idx = self.route(x)
         if x.shape[0] == 1:
             return self._add_shared(x, self._one_token(x, w[0], idx[0])).reshape(shape)
+        if self._dense_pays(x.shape[0]):
+            return self._add_shared(x, self._all_experts(x, w, idx)).reshape(shape)
         flat = idx.reshape(-1)  # (N*k,) expert of each (token, slot) pair
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.experts.num_experts).tolist()
@@ -109,6 +114,24 @@ class SparseMoE(nn.Module):
             out.index_add_(0, toks, y)
             start += n
         return self._add_shared(x, out).reshape(shape)
+
+    def _dense_pays(self, n: int) -> bool:
+        """A few rows whose (row, expert) pairs outnumber the experts twice over (a batched decode step of a
+        small MoE) reach nearly every expert anyway: then every expert on every row in two batched products
+        beats a Python loop of ~6 ops per expert. Measured on the embedded model's shapes (8 experts, top-2, 8
+        rows): 0.8 ms vs 1.3 ms fp32, 0.9 vs 2.3 ms bf16; with 64 experts top-8 the extra products (E/k x the
+        sparse work) cost more than the loop, and the rule keeps those on the grouped path. Capped at
+        DENSE_MAX_ROWS rows; float stacked experts only (int8 experts have no batched kernel)."""
+        return (n <= DENSE_MAX_ROWS and n * self.top_k >= 2 * self.experts.num_experts
+                and isinstance(self.experts, Experts))
+
+    def _all_experts(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x (N, H) -> (N, H): all experts on all rows, the unchosen ones weighted by exactly 0."""
+        ex = self.experts
+        gate, up = torch.matmul(x, ex.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # (E, N, I) each
+        y = torch.matmul(F.silu(gate) * up, ex.down_proj.transpose(1, 2))               # (E, N, H)
+        dense_w = torch.zeros(x.shape[0], ex.num_experts, dtype=x.dtype).scatter_(1, idx, w)  # (N, E)
+        return (y * dense_w.T[:, :, None]).sum(0)
 
     def _one_token(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (1, H), w (k,), idx (k,) -> (1, H). Ascending expert order, zeros + y0 + y1 ... like index_add_."""

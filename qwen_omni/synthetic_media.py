@@ -186,8 +186,10 @@ def render_shapes(rng: np.random.Generator, n: int, unique: bool = True, big: bo
     return img, objs
 
 
-def render_text(rng: np.random.Generator, text: str) -> Image.Image:
-    """`text` in a random font, size, colour and place; the text always fits inside the image."""
+def render_text(rng: np.random.Generator, text: str, boxes: bool = False):
+    """`text` in a random font, size, colour and place; the text always fits inside the image. With `boxes`,
+    returns (image, [(char, (x0, y0, x1, y1)) per character]) (draws no extra randomness, so the image is the
+    same either way)."""
     w, h = _image_size(rng)
     tone, colors = _tone(rng)
     colors = tuple(c for c in colors if c != "gray")  # thin strokes need more contrast than shapes
@@ -206,7 +208,10 @@ def render_text(rng: np.random.Generator, text: str) -> Image.Image:
     x = rng.integers(6, max(7, w - 6 - (x1 - x0))) - x0
     y = rng.integers(6, max(7, h - 6 - (y1 - y0))) - y0
     draw.text((int(x), int(y)), text, fill=rgb, font=font)
-    return img
+    if not boxes:
+        return img
+    return img, [(ch, draw.textbbox((int(x) + draw.textlength(text[:i], font=font), int(y)), ch, font=font))
+                 for i, ch in enumerate(text)]
 
 
 # ---------------------------------------------------------------- video

@@ -56,6 +56,8 @@ PARAM_GROUPS = {
     "projectors": lambda n: n.startswith(("visual.merger", "audio_tower.proj1", "audio_tower.proj2")),
     "encoders": lambda n: n.startswith(("visual.", "audio_tower.")),
     "llm": lambda n: n.startswith(("model.", "lm_head.")),
+    # After stage (v): keep the vision tower's dense features; its mergers (the projectors) still train.
+    "no-vision-tower": lambda n: not n.startswith(("visual.blocks.", "visual.patch_embed.", "visual.pos_embed")),
 }
 
 
@@ -120,7 +122,7 @@ def save_ckpt(path: Path, model, opt, step: int, stage: str, extra: dict) -> Non
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                      "has_gauss": int(has_gauss), "gauss": float(gauss)}}
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "stage": stage, "rng": rng,
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict() if opt is not None else {}, "step": step, "stage": stage, "rng": rng,
                 **extra}, tmp)
     os.replace(tmp, path)
 
@@ -138,10 +140,18 @@ def parse_args(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="write the final model here (HF thinker format)")
     ap.add_argument("--init", type=Path, default=None, help="fine-tune this checkpoint instead of training from scratch")
     ap.add_argument("--data", type=Path, default=None, help="folder of JSONL (media, question, answer) to fine-tune on")
-    ap.add_argument("--train", default="all", choices=sorted(PARAM_GROUPS), help="which parameters to train (stage b / fine-tune)")
+    ap.add_argument("--train", default="all", choices=sorted(PARAM_GROUPS),
+                    help="which parameters to train (stage b / fine-tune); after stage (v), no-vision-tower keeps "
+                         "what it learned")
     ap.add_argument("--train-a", default="all", choices=sorted(PARAM_GROUPS), help="which parameters stage (a) trains")
     ap.add_argument("--size", default="tiny", choices=sorted(tm.SIZES))
     ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--steps-v", type=int, default=0,
+                    help="stage (v) steps: dense per-token training of the vision encoder (qwen_omni.train_vision) "
+                         "before the other stages; 0 = skip")
+    ap.add_argument("--lr-v", type=float, default=4e-3, help="stage (v) peak LR")
+    ap.add_argument("--batch-v", type=int, default=32, help="stage (v) images per step")
+    ap.add_argument("--v-share", type=float, default=0.12, help="share of --minutes for stage (v)")
     ap.add_argument("--steps-a", type=int, default=300, help="stage (a) steps (from scratch only)")
     ap.add_argument("--steps", type=int, default=2000, help="stage (b) / fine-tune steps")
     ap.add_argument("--batch", type=int, default=16)
@@ -223,9 +233,9 @@ def easy_share(start: float, stage: str, frac: float) -> float:
 
 def stage_plan(args) -> list[tuple[str, int, str, float]]:
     """[(stage, steps, train group, peak lr)]."""
+    plan = [("v", args.steps_v, "encoders", args.lr_v)] if args.steps_v > 0 and args.data is None else []
     if args.init is not None or args.data is not None:
-        return [("b", args.steps, args.train, args.lr)]
-    plan = []
+        return plan + [("b", args.steps, args.train, args.lr)]
     if args.steps_a > 0:
         plan.append(("a", args.steps_a, args.train_a, args.lr_a or args.lr))
     plan.append(("b", args.steps, args.train, args.lr))
@@ -263,11 +273,14 @@ def train(args) -> Path | None:
             offset += steps
             continue
         step0 = max(0, global_step - offset)  # steps already done in this stage
-        budget_s = 0.0
-        if args.minutes:
-            share = args.a_share if stage == "a" else (1 - args.a_share if any(p[0] == "a" for p in plan) else 1.0)
-            budget_s = args.minutes * 60 * share
-        stopped = run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset,
+        budget_s = args.minutes * 60 * stage_share(args, plan, stage)
+        if stage == "v":
+            vision_stage(args, model, tok_dir, steps, peak, budget_s)
+            stopped = False
+            save_ckpt(ckpt_path, model, None, offset + steps, stage,
+                      {"done_stages": done_stages + [stage], "stage_elapsed": 0.0})
+        else:
+            stopped = run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset,
                             state if state and state.get("stage") == stage else None, t_start, done_stages,
                             budget_s)
         state = None
@@ -284,6 +297,27 @@ def train(args) -> Path | None:
         export(model, tok_dir, args.out)
         log(run, f"saved {args.out}")
     return final
+
+
+def stage_share(args, plan, stage: str) -> float:
+    """Share of --minutes for `stage`: (v) and (a) get theirs, (b) the rest."""
+    shares = {"v": args.v_share, "a": args.a_share}
+    if stage in shares:
+        return shares[stage]
+    return 1.0 - sum(shares[p[0]] for p in plan if p[0] in shares)
+
+
+def vision_stage(args, model, tok_dir, steps: int, peak: float, budget_s: float) -> None:
+    from tqdm import tqdm
+
+    from .train_vision import run_stage_v
+
+    log(args.run, f"stage v: {steps} steps, vision encoder with dense per-token heads, peak lr {peak}")
+    with tqdm(total=steps, desc="stage v", disable=args.no_tqdm, dynamic_ncols=True) as bar:
+        done = run_stage_v(model, tm.processor_for(model), steps, batch=args.batch_v, lr=peak, seed=args.seed,
+                           budget_s=budget_s, log=lambda m: log(args.run, m), log_every=args.log_every * 5,
+                           progress=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+    log(args.run, f"stage v: done after {done} steps")
 
 
 def export(model, tok_dir: Path, out: Path) -> None:
@@ -306,7 +340,7 @@ def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, st
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.98), eps=1e-8)
-    if state is not None and "opt" in state:
+    if state is not None and state.get("opt"):
         opt.load_state_dict(state["opt"])
     log(run, f"stage {stage}: {steps} steps, training {group} ({sum(p.numel() for p in params):,} params), "
              f"peak lr {peak}, from step {step0}")

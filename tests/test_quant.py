@@ -119,11 +119,14 @@ def make_moe(norm: bool, shared: int = 0, dtype=torch.float32) -> SparseMoE:
 
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("shared", [0, 48])
-@pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (7, 64), (2, 5, 64)])
+@pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (7, 64), (2, 5, 64), (8, 64)])
 def test_moe_paths_equal_reference(norm, shared, shape):
-    """One token takes `_one_token`, several the grouped path; both equal the per-expert reference loop."""
+    """One token takes `_one_token`, 8 rows (8 x top-4 >= 2 x 16 experts) the all-experts path, the others the
+    grouped path; all equal the per-expert reference loop."""
     moe = make_moe(norm, shared)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    n = x.reshape(-1, 64).shape[0]
+    assert moe._dense_pays(n) == (n == 8)
     with torch.no_grad():
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-6)
 
