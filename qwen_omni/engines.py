@@ -4,7 +4,7 @@ Design
 - `engine.start(request)` (a coroutine) does the blocking preparation in a worker thread (templating, media
   decoding; the remote backend opens its HTTP stream there), queues the work, and returns a `Job`. Errors a
   client caused surface here, before any response header is sent, so they get a proper status code.
-- A `Job` hands events from the producing thread to the event loop (`loop.call_soon_threadsafe` into an
+- A `Job` hands events from the producing thread to the event loop (through a `Mailbox`, into an
   `asyncio.Queue`); `await job.next()` returns every text piece available now (a slow client gets a few tokens
   per SSE chunk instead of falling behind), or raises the request's error. `job.cancel()` stops the work: the
   local scheduler frees the slot before its next decode step; the remote worker closes its HTTP stream.
@@ -54,11 +54,37 @@ def api_error(e: BaseException, req: ChatRequest | None = None) -> APIError:
     return APIError(500, "internal server error (logged on the server)", "server_error")
 
 
+class Mailbox:
+    """Events from producing threads to one event loop, with one wake-up for however many events arrive before
+    the loop gets to them. A batched decode step posts a token for each of its rows: one
+    `call_soon_threadsafe` each meant as many self-pipe writes and loop iterations per step, all competing with
+    the scheduler thread for the GIL."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, tuple]] = []
+
+    def post(self, q: asyncio.Queue, event: tuple) -> None:
+        """From any thread. Raises RuntimeError when the loop is closed."""
+        with self._lock:
+            wake = not self._items
+            self._items.append((q, event))
+        if wake:
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for q, event in items:
+            q.put_nowait(event)
+
+
 class Job:
     """One generation as the event loop sees it: text pieces, then a finish reason and token counts."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop, self._q = loop, asyncio.Queue()
+    def __init__(self, loop: asyncio.AbstractEventLoop, mailbox: Mailbox | None = None):
+        self._mailbox, self._q = mailbox or Mailbox(loop), asyncio.Queue()
         self.done = False
         self.finish_reason: str | None = None
         self.prompt_tokens = self.completion_tokens = 0
@@ -67,7 +93,7 @@ class Job:
     def post(self, kind: str, value: Any) -> None:
         """From any thread: ("text" | "token", value), ("end", reason) or ("error", exception)."""
         try:
-            self._loop.call_soon_threadsafe(self._q.put_nowait, (kind, value))
+            self._mailbox.post(self._q, (kind, value))
         except RuntimeError:  # the event loop is gone (server shutdown): nobody is listening
             self.cancel()
 
@@ -106,8 +132,8 @@ class Job:
 # ------------------------------------------------------------------------------------------------------ local
 
 class LocalJob(Job):
-    def __init__(self, loop, tokenizer):
-        super().__init__(loop)
+    def __init__(self, loop, tokenizer, mailbox: Mailbox | None = None):
+        super().__init__(loop, mailbox)
         self.decoder = StreamDecoder(tokenizer)
         self.gen = None
 
@@ -148,13 +174,17 @@ class LocalEngine:
         gen_cfg = assistant.path / "generation_config.json"
         cfg = json.loads(gen_cfg.read_text()) if gen_cfg.is_file() else {}
         self.defaults = {k: cfg[k] for k in ("temperature", "top_p", "top_k") if cfg.get(k) is not None}
+        self._mailbox: Mailbox | None = None  # shared by this engine's jobs: one wake-up per decode step
 
     async def start(self, req: ChatRequest) -> Job:
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
         opts = {}
         if self.assistant.processor is not None and req.use_audio_in_video is not None:
             opts["use_audio_in_video"] = req.use_audio_in_video
         inputs = await anyio.to_thread.run_sync(functools.partial(self.assistant.prepare, req.messages, **opts))
-        job = LocalJob(asyncio.get_running_loop(), self.assistant.tokenizer)
+        job = LocalJob(loop, self.assistant.tokenizer, self._mailbox)
         job.gen = self.scheduler.submit(inputs, max_new_tokens=req.max_tokens, ignore_eos=req.ignore_eos,
                                         sink=job.post, **req.sampling(self.defaults))
         job.prompt_tokens = inputs["input_ids"].shape[1]

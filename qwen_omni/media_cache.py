@@ -6,8 +6,8 @@ encoding and prefilling the history; what is left is decoding and resizing the s
 the processor's per-item steps (`image`, `video`) with an LRU keyed by the content hash of the raw bytes, bounded
 by entry count and by bytes of features. Only in-memory bytes are cached (what the server hands over): their
 hash is their identity, whereas a file path can change on disk. Cached tensors are never modified downstream
-(the processor concatenates them into new tensors). Audio is decoded by the processor outside these steps and
-is cheap next to images and video; it is not cached.
+(the processor concatenates them into new tensors, or hands a lone item on as it is, read-only). Audio is
+decoded by the processor outside these steps and is cheap next to images and video; it is not cached.
 """
 from __future__ import annotations
 

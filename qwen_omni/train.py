@@ -5,7 +5,9 @@
     python -m qwen_omni.train --init assets/tiny-omni --data my_folder --train projectors --steps 200 \\
         --run runs/ft --out runs/ft/model                                     # fine-tune on your own JSONL
 
-Stages (from scratch): (a) alignment - captions of images/videos and transcripts of audio, so the encoders and
+Stages (from scratch): (v), with --steps-v, dense per-token training of the vision encoder alone
+(`qwen_omni.train_vision`: what shape, colour, character lies under each vision token, and where that token is);
+(a) alignment - captions of images/videos and transcripts of audio, so the encoders and
 their projectors learn to put what they see and hear into words; (b) instruction tuning on the full Q&A mix
 (every task of `qwen_omni.synthetic`, held-out wording never used). The decoder is trained from scratch too,
 so stage (a) trains all parameters by default (`--train-a`); with a pretrained decoder pass
