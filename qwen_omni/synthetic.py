@@ -163,7 +163,7 @@ def _video(frames, fps, audio, use_audio: bool = False) -> dict:
     return part
 
 
-def _number_text(rng) -> str:
+def number_text(rng) -> str:
     digits = int(rng.integers(1, 4))  # equal share of 1-, 2- and 3-digit numbers
     return str(int(rng.integers(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits)))
 
@@ -236,7 +236,7 @@ def _task_caption(rng, split: str, easy: bool = False) -> Sample:
             img, objs = sm.render_shapes(rng, 1 if easy else int(rng.integers(1, 5)), unique=False, big=easy)
             cap = caption_objects(objs)
         else:
-            word = _number_text(rng) if rng.random() < 0.5 else _pick(rng, sm.WORDS)
+            word = number_text(rng) if rng.random() < 0.5 else _pick(rng, sm.WORDS)
             img, cap = sm.render_text(rng, word), f"the {'number' if word.isdigit() else 'word'} {word}"
         part, key, mod = _image(img), "caption_image", "image"
     return Sample("caption", [_user(part, _text(_vary(rng, _template(rng, key, split))))], cap, {"modality": mod})
@@ -277,7 +277,7 @@ def _task_simple(task: str, rng, split: str, easy: bool = False) -> Sample:
     meta: dict = {}
     key = task
     if task in ("number", "text"):
-        ans = _number_text(rng) if task == "number" else _pick(rng, sm.WORDS)
+        ans = number_text(rng) if task == "number" else _pick(rng, sm.WORDS)
         part, meta["modality"] = _image(sm.render_text(rng, ans)), "image"
     elif task == "count":
         n = int(rng.integers(1, 5))

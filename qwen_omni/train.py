@@ -1,6 +1,7 @@
 """Train the tiny Qwen3-Omni thinker from scratch on the synthetic world, or fine-tune a checkpoint.
 
     python -m qwen_omni.train --run runs/tiny --out assets/tiny-omni          # stage (a) then (b), from scratch
+    python -m qwen_omni.train --steps-v 3000 --train no-vision-tower ...    # (v) first; (a)/(b) keep its tower
     python -m qwen_omni.train --run runs/tiny --resume                        # continue after an interruption
     python -m qwen_omni.train --init assets/tiny-omni --data my_folder --train projectors --steps 200 \\
         --run runs/ft --out runs/ft/model                                     # fine-tune on your own JSONL
@@ -57,6 +58,7 @@ PARAM_GROUPS = {
     "all": lambda n: True,
     "projectors": lambda n: n.startswith(("visual.merger", "audio_tower.proj1", "audio_tower.proj2")),
     "encoders": lambda n: n.startswith(("visual.", "audio_tower.")),
+    "vision": lambda n: n.startswith("visual."),
     "llm": lambda n: n.startswith(("model.", "lm_head.")),
     # After stage (v): keep the vision tower's dense features; its mergers (the projectors) still train.
     "no-vision-tower": lambda n: not n.startswith(("visual.blocks.", "visual.patch_embed.", "visual.pos_embed")),
@@ -124,8 +126,8 @@ def save_ckpt(path: Path, model, opt, step: int, stage: str, extra: dict) -> Non
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                      "has_gauss": int(has_gauss), "gauss": float(gauss)}}
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict() if opt is not None else {}, "step": step, "stage": stage, "rng": rng,
-                **extra}, tmp)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict() if opt is not None else {}, "step": step,
+                "stage": stage, "rng": rng, **extra}, tmp)
     os.replace(tmp, path)
 
 
@@ -235,7 +237,7 @@ def easy_share(start: float, stage: str, frac: float) -> float:
 
 def stage_plan(args) -> list[tuple[str, int, str, float]]:
     """[(stage, steps, train group, peak lr)]."""
-    plan = [("v", args.steps_v, "encoders", args.lr_v)] if args.steps_v > 0 and args.data is None else []
+    plan = [("v", args.steps_v, "vision", args.lr_v)] if args.steps_v > 0 and args.data is None else []
     if args.init is not None or args.data is not None:
         return plan + [("b", args.steps, args.train, args.lr)]
     if args.steps_a > 0:
@@ -283,8 +285,8 @@ def train(args) -> Path | None:
                       {"done_stages": done_stages + [stage], "stage_elapsed": 0.0})
         else:
             stopped = run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset,
-                            state if state and state.get("stage") == stage else None, t_start, done_stages,
-                            budget_s)
+                                state if state and state.get("stage") == stage else None, t_start, done_stages,
+                                budget_s)
         state = None
         offset += steps
         global_step = offset

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from . import synthetic_media as sm
-from .synthetic import _number_text
+from .synthetic import number_text
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 HEADS = {"shape": 1 + len(sm.SHAPES), "colour": 1 + len(sm.COLORS), "char": 1 + len(CHARS), "centre": 2}
@@ -88,7 +88,7 @@ def _shape_scene(rng) -> tuple[Image.Image, np.ndarray, dict[str, list[int]], li
 
 
 def _text_scene(rng) -> tuple[Image.Image, np.ndarray, dict[str, list[int]], list]:
-    text = _number_text(rng) if rng.random() < 0.6 else sm.WORDS[rng.integers(len(sm.WORDS))]
+    text = number_text(rng) if rng.random() < 0.6 else sm.WORDS[rng.integers(len(sm.WORDS))]
     img, boxes = sm.render_text(rng, text, boxes=True)
     mask = Image.new("L", img.size, 0)
     draw = ImageDraw.Draw(mask)
