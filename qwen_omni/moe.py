@@ -11,13 +11,17 @@ Anything with `num_experts` and `run(e, x)` can stand in for `Experts` (e.g. `qu
 An optional shared expert with a sigmoid gate is added (the Qwen3-Omni talker).
 `forward_reference` is the slow per-expert loop used by the tests as ground truth.
 
-`Linear` / `linear` (used by the whole decoder): nn.Linear, except that a single bfloat16 row on the CPU runs as
-`torch.mv`. That reaches torch's AVX512-BF16 GEMV kernel (vdpbf16ps, fp32 accumulation, threaded over output
-rows), measured 1.3-1.4x faster per weight than the oneDNN GEMM `F.linear` picks for one row (8.7 vs 6.5
-G weights/s on the 0.6B's layer matrices, 12.0 vs 8.4 on its lm_head) - and a decode step is mostly such products. Other dtypes keep `F.linear` (fp16 `mv` is slower here; fp32 is the same kernel).
-A bias goes in through `addmv` (rounded once, like the fused GEMM).
+`Linear` / `linear` (used by the whole decoder): nn.Linear, except that a single bfloat16 row on the CPU may run
+as `torch.mv` - a decode step is mostly such products, and which kernel is faster depends on the CPU. On one
+AVX512-BF16 machine torch's GEMV kernel was 1.3-1.4x faster per weight than the oneDNN GEMM `F.linear` picks
+(8.7 vs 6.5 G weights/s on the 0.6B's layer matrices); on an AMD EPYC with AVX512-BF16 it was 2-4x *slower*
+(2.9 vs 11.8 G weights/s on 2048x2048). So `gemv_wins()` times both once per process (a few ms) and `linear`
+uses the faster. Other dtypes keep `F.linear` (fp16 `mv` is slower; fp32 is the same kernel). A bias goes in
+through `addmv` (rounded once, like the fused GEMM).
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +31,35 @@ from torch import nn
 DENSE_MAX_ROWS = 8  # see SparseMoE._dense_pays
 
 
+_GEMV_WINS: bool | None = None
+
+
+def gemv_wins() -> bool:
+    """Whether `torch.mv` beats `F.linear` for one bf16 row on this CPU (timed once, on a 1024x1024 matrix)."""
+    global _GEMV_WINS
+    if _GEMV_WINS is None:
+        w, v = torch.randn(1024, 1024, dtype=torch.bfloat16), torch.randn(1024, dtype=torch.bfloat16)
+
+        def best(f) -> float:
+            f()
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                for _ in range(4):
+                    f()
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        _GEMV_WINS = best(lambda: torch.mv(w, v)) < 0.9 * best(lambda: F.linear(v[None], w))
+    return _GEMV_WINS
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x (..., K), weight (N, K); one bf16 CPU row goes through the GEMV kernel."""
+    """F.linear(x, weight, bias) for x (..., K), weight (N, K); one bf16 CPU row goes through the GEMV kernel
+    where that is faster (`gemv_wins`)."""
     # Same dtypes only: under CPU autocast (training with --bf16) the weight stays fp32 and F.linear casts.
-    if x.dtype == torch.bfloat16 == weight.dtype and x.numel() == x.shape[-1] and x.device.type == "cpu":
+    if x.dtype == torch.bfloat16 == weight.dtype and x.numel() == x.shape[-1] and x.device.type == "cpu" \
+            and gemv_wins():
         v = x.reshape(-1)
         y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)  # bias inside: one rounding
         return y.view(*x.shape[:-1], weight.shape[0])

@@ -200,3 +200,22 @@ def test_int8_thinker_through_load(tmp_path):
     assert len(q8.chat(msgs, max_new_tokens=4)) > 0
     with pytest.raises(ValueError, match="only quantization is 'int8'"):
         load(tmp_path, device="cpu", quantize="int4")
+
+
+@pytest.mark.parametrize("gemv", [True, False])
+def test_bf16_single_row_linear_either_kernel(monkeypatch, gemv):
+    """`linear` picks torch.mv or F.linear for one bf16 row by timing them (`gemv_wins`); both give F.linear's
+    result to bf16 rounding, with and without a bias."""
+    from qwen_omni import moe
+
+    assert isinstance(moe.gemv_wins(), bool)
+    monkeypatch.setattr(moe, "_GEMV_WINS", gemv)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(96, 64, generator=g).to(torch.bfloat16)
+    b = torch.randn(96, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, 1, 64, generator=g).to(torch.bfloat16)
+    for bias in (None, b):
+        ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+        out = moe.linear(x, w, bias)
+        assert out.shape == (1, 1, 96) and out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.05)
