@@ -186,7 +186,8 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None, help="default: assets/tiny-omni, else a built --shape")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="embedded", help="random model to build")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per request in the throughput runs")
-    ap.add_argument("--requests", type=int, default=2, help="requests per client in the throughput runs")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client in the throughput runs")
+    ap.add_argument("--dtype", default=None, help="server --dtype for the throughput runs (default: the server's)")
     ap.add_argument("--conversations", type=int, default=4)
     ap.add_argument("--image", type=int, default=896,
                     help="image side in pixels for the second-turn test (896: 784 image tokens)")
@@ -201,7 +202,8 @@ def main() -> int:
     model = args.model or (embedded if (embedded / "config.json").is_file() else build_model(built, args.shape))
     reuse_model = args.reuse_model or args.model or build_model(built, args.shape)
     report: dict = {"model": str(model), "reuse_model": str(reuse_model)}
-    server = Server(model, threads=args.threads)
+    server = Server(model, *(("--dtype", args.dtype) if args.dtype else ()), threads=args.threads)
+    report["dtype"] = args.dtype or "server default"
     try:
         server.stream([{"role": "user", "content": "warm up"}], 4)
         one = throughput(server, 1, args.requests * 2, args.tokens)
