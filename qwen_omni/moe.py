@@ -38,7 +38,9 @@ def gemv_wins() -> bool:
     """Whether `torch.mv` beats `F.linear` for one bf16 row on this CPU (timed once, on a 1024x1024 matrix)."""
     global _GEMV_WINS
     if _GEMV_WINS is None:
-        w, v = torch.randn(1024, 1024, dtype=torch.bfloat16), torch.randn(1024, dtype=torch.bfloat16)
+        g = torch.Generator().manual_seed(0)  # never the global RNG: callers' seeded streams stay as they were
+        w = torch.randn(1024, 1024, generator=g).to(torch.bfloat16)
+        v = torch.randn(1024, generator=g).to(torch.bfloat16)
 
         def best(f) -> float:
             f()
