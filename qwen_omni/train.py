@@ -117,6 +117,13 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.1) -
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def stage_lr(step: int, total: int, warmup: int, peak: float, frac: float) -> float:
+    """`lr_at` for a stage that may end on a time budget: warm up by step, then decay by progress `frac` (the
+    larger of the step and the time fractions)."""
+    return lr_at(step, total, warmup, peak) if step < warmup else lr_at(
+        warmup + int(frac * (total - warmup)), total, warmup, peak)
+
+
 # ---------------------------------------------------------------- checkpointing
 
 def save_ckpt(path: Path, model, opt, step: int, stage: str, extra: dict) -> None:
@@ -369,8 +376,7 @@ def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, st
                     total_steps = step
                     break
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, warm, peak) if step < warm else lr_at(
-                    warm + int(frac * (steps - warm)), steps, warm, peak)
+                g["lr"] = stage_lr(step, steps, warm, peak, frac)
             if hasattr(data, "easy_p"):
                 data.easy_p = easy_share(args.easy, stage, frac)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):

@@ -4,8 +4,8 @@ Why: trained only through the language-model loss, the tiny vision tower learns 
 is one token at the end of a long sequence, so each image gives the encoder a single, diluted signal. After
 three hours of such training, a linear probe on the shipped model's vision tokens still told the shape of a
 lone object only 22 % of the time (chance is 14 %); after 36 minutes of this stage, 85 %. The synthetic world
-knows what lies under every vision token, though. So this stage trains the encoder alone, with small linear heads on each merged token (the
-vectors the decoder reads):
+knows what lies under every vision token, though. So this stage trains the encoder alone, with small linear
+heads on each merged token (the vectors the decoder reads):
   shape  - which shape covers this 32x32 px token (or background)          8-way CE
   colour - the colour of the shape covering it (text tokens count as bg)  12-way CE
   char   - which character of a rendered number/word covers it            37-way CE (bg, 0-9, a-z)
@@ -109,10 +109,10 @@ def token_labels(mask: np.ndarray, classes: dict[str, list[int]], centres, size:
     ys = np.minimum((np.arange(gh * unit) + 0.5) * h / (gh * unit), h - 1).astype(int)
     xs = np.minimum((np.arange(gw * unit) + 0.5) * w / (gw * unit), w - 1).astype(int)
     m = mask[ys][:, xs].reshape(gh, unit, gw, unit).transpose(0, 2, 1, 3).reshape(gh * gw, unit * unit)
-    n_obj = len(classes["shape"])
-    counts = np.stack([(m == i).sum(1) for i in range(n_obj)], 1)  # (tokens, objects + bg)
-    fg = counts[:, 1:].argmax(1) + 1 if n_obj > 1 else np.zeros(len(m), int)
-    obj = np.where(counts[:, 1:].max(1, initial=0) >= COVER * unit * unit, fg, 0) if n_obj > 1 else fg
+    # (tokens, objects): pixels of each object in each token (one all-zero column when there is no object)
+    counts = np.stack([(m == i).sum(1) for i in range(1, len(classes["shape"]))] or [np.zeros(len(m), int)], 1)
+    # The object covering most of the token, once it covers COVER of it; else background (0).
+    obj = np.where(counts.max(1) >= COVER * unit * unit, counts.argmax(1) + 1, 0)
     out = {k: torch.as_tensor(np.asarray(v)[obj], dtype=torch.long) for k, v in classes.items()}
     centre = np.zeros(gh * gw, np.int64)
     for cx, cy in centres:
@@ -148,7 +148,7 @@ def run_stage_v(model, proc, steps: int, *, batch: int = 32, lr: float = 1e-3, s
                 budget_s: float = 0.0, log=lambda msg: None, log_every: int = 25, progress=None) -> int:
     """Train `model.visual` (all of it, mergers included) with the dense heads for `steps` steps or `budget_s`
     seconds, whichever ends first; returns the steps done. AdamW, linear warmup, cosine decay to 10 %."""
-    from .train import lr_at
+    from .train import stage_lr
 
     heads = VisionHeads(model.cfg.vision.out_hidden_size)
     for p in model.parameters():
@@ -169,8 +169,7 @@ def run_stage_v(model, proc, steps: int, *, batch: int = 32, lr: float = 1e-3, s
             if frac >= 1.0:
                 break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, warm, lr) if step < warm else lr_at(warm + int(frac * (steps - warm)),
-                                                                               steps, warm, lr)
+            g["lr"] = stage_lr(step, steps, warm, lr, frac)
         b = make_batch(rng, proc, batch)
         feats, _ = model.visual(b["pixel_values"], b["image_grid_thw"])
         loss, parts = heads.loss(feats, b["labels"])
@@ -184,7 +183,8 @@ def run_stage_v(model, proc, steps: int, *, batch: int = 32, lr: float = 1e-3, s
             acc = heads.accuracy(feats.detach(), b["labels"])
             log(f"stage v step {step + 1}/{steps} loss {float(loss.detach()):.3f} "
                 + " ".join(f"{k} {v:.3f}" for k, v in parts.items()) + " | fg acc "
-                + " ".join(f"{k} {v:.2f}" for k, v in acc.items()) + f" | {(time.time() - t0) / (step + 1):.2f}s/step")
+                + " ".join(f"{k} {v:.2f}" for k, v in acc.items())
+                + f" | {(time.time() - t0) / (step + 1):.2f}s/step")
     else:
         step = steps
     for p in model.parameters():
