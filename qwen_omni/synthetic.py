@@ -26,6 +26,8 @@ from qwen_omni.synthetic_templates import (CAPABILITIES, CHITCHAT, REFUSAL, REFU
 TASKS: tuple[str, ...] = (
     "colour", "shape", "count", "position", "number", "text", "beep_count", "pitch", "spoken_word",
     "video_direction", "video_beeps", "followup", "chitchat", "refusal", "caption", "transcript")
+# Training-only tasks (never evaluated): several questions about one medium in one conversation.
+TRAIN_ONLY: tuple[str, ...] = ("scene",)
 SPLITS = ("train", "heldout")
 NUMBER_WORDS = sa.DIGIT_WORDS + ("ten",)
 
@@ -36,6 +38,9 @@ class Sample:
     messages: list[dict]  # chat format; the last message is the user turn to answer
     answer: str
     meta: dict = field(default_factory=dict)  # modality and task details, for eval breakdowns
+    # For questions about one object of an image: the image's objects ("objects", renderer geometry), its size
+    # ("size") and, per assistant turn, the index of the object the answer is about ("targets"; None for the
+    # count). The trainer uses them to supervise where the decoder looks (`qwen_omni.train_binding`).
 
 
 # ---------------------------------------------------------------- answer normalisation
@@ -193,6 +198,10 @@ def _attr(o: sm.Obj, attr: str) -> str:
     return {"shape": o.shape, "color": o.color, "position": o.position}[attr]
 
 
+def _where_meta(img, objs: list[sm.Obj], targets: list[int | None]) -> dict:
+    return {"objects": objs, "size": img.size, "targets": targets}
+
+
 def _object_question(rng, split: str, attr: str, by_choices: tuple[str, str], easy: bool = False,
                      big: bool = False):
     """Image of 1-4 distinct shapes (easy: one; big: large and centred, when no turn asks its position); ask
@@ -210,7 +219,7 @@ def _task_object(task: str, rng, split: str, easy: bool = False) -> Sample:
     by_choices = tuple(b for b in ("shape", "color", "position") if b != attr)
     img, objs, k, q, _ = _object_question(rng, split, attr, by_choices, easy, big=attr != "position")
     return Sample(task, [_user(_image(img), _text(_vary(rng, q)))], _attr(objs[k], attr),
-                  {"modality": "image", "n_objects": len(objs)})
+                  {"modality": "image", "n_objects": len(objs), **_where_meta(img, objs, [k])})
 
 
 def _task_followup(rng, split: str, easy: bool = False) -> Sample:
@@ -220,7 +229,46 @@ def _task_followup(rng, split: str, easy: bool = False) -> Sample:
     q2 = _template(rng, "followup_" + a2, split)
     msgs = [_user(_image(img), _text(_vary(rng, q1))), {"role": "assistant", "content": _attr(objs[k], a1)},
             _user(_text(_vary(rng, q2)))]
-    return Sample("followup", msgs, _attr(objs[k], a2), {"modality": "image", "first": a1, "second": a2})
+    return Sample("followup", msgs, _attr(objs[k], a2),
+                  {"modality": "image", "first": a1, "second": a2, **_where_meta(img, objs, [k, k])})
+
+
+def _task_scene(rng, split: str, easy: bool = False) -> Sample:
+    """Training only: 3-6 questions about one image of 1-4 distinct shapes in one conversation - colour, shape
+    or position of an object named by another attribute, follow-ups about the same object ("and its shape?"),
+    the count. The trainer supervises every answer, so one encoded image gives ~3x the answer tokens for ~1.7x
+    the step time. Measured: 10 minutes of these (with a few single questions) left the held-out accuracy on
+    object questions where 10 minutes of single questions did (within the noise of 40 samples a task)."""
+    n = 1 if easy else int(rng.integers(1, 5))
+    img, objs = sm.render_shapes(rng, n, unique=True)
+    attrs = ("shape", "color", "position")
+    known: set[tuple[int, str]] = set()  # (object, attribute) asked or used to name it: never asked again
+    counted = False
+    msgs: list[dict] = []
+    targets: list[int | None] = []
+    last: int | None = None  # the object of the previous question, for a follow-up
+    for t in range(int(rng.integers(3, 7))):
+        r = rng.random()
+        fresh = [(k, a) for k in range(n) for a in attrs if (k, a) not in known]
+        again = [a for a in attrs if (last, a) not in known] if last is not None else []
+        if (r < 0.12 or not fresh) and not counted:
+            q, ans, last, counted = _template(rng, "count", split), str(n), None, True
+        elif not fresh:
+            break
+        elif again and r < 0.4:
+            attr = _pick(rng, again)
+            q, ans = _template(rng, "followup_" + attr, split), _attr(objs[last], attr)
+            known.add((last, attr))
+        else:
+            last, attr = fresh[int(rng.integers(len(fresh)))]
+            by = _pick(rng, tuple(b for b in attrs if b != attr))
+            q, ans = _template(rng, attr, split, obj=_ref(rng, objs[last], n, by, attr)), _attr(objs[last], attr)
+            known |= {(last, attr), (last, by)} if n > 1 else {(last, attr)}  # one object is "the object"
+        msgs += [_user(_image(img), _text(_vary(rng, q))) if t == 0 else _user(_text(_vary(rng, q))),
+                 {"role": "assistant", "content": ans}]
+        targets.append(last)
+    return Sample("scene", msgs[:-1], msgs[-1]["content"],
+                  {"modality": "image", "n_objects": n, **_where_meta(img, objs, targets)})
 
 
 def _task_caption(rng, split: str, easy: bool = False) -> Sample:
@@ -308,13 +356,13 @@ def make_sample(task: str, seed: int, split: str = "train", easy: bool = False) 
     where its position is not asked, and videos a larger moving shape; it never applies to evaluation."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if task not in TASKS + TRAIN_ONLY:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS + TRAIN_ONLY}")
     rng = np.random.default_rng((int(seed) & (2**64 - 1), zlib.crc32(task.encode()), SPLITS.index(split)))
     if task in ("colour", "shape", "position"):
         return _task_object(task, rng, split, easy)
-    if task in ("followup", "caption"):
-        return (_task_followup if task == "followup" else _task_caption)(rng, split, easy)
+    if task in ("followup", "caption", "scene"):
+        return {"followup": _task_followup, "caption": _task_caption, "scene": _task_scene}[task](rng, split, easy)
     special = {"transcript": _task_transcript, "refusal": _task_refusal, "chitchat": _task_chitchat}
     if task in special:
         return special[task](rng, split)

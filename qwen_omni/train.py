@@ -28,7 +28,9 @@ User data (`--data DIR`): every `*.jsonl` in DIR, one example per line:
 `image` / `audio` / `video` are paths relative to the JSONL file (a list for several); all optional.
 
 Loss: token cross-entropy + 0.01 x MoE load-balancing loss (Switch style, from router logits captured by
-forward hooks on every `mlp.gate`). AdamW, linear warmup then cosine decay, gradient clipping at 1.0.
+forward hooks on every `mlp.gate`) + 0.3 x attention supervision on questions about one object of an image
+(`qwen_omni.train_binding`: chosen heads must look at that object). AdamW, linear warmup then cosine decay,
+gradient clipping at 1.0.
 Checkpoints (model + optimizer + step + RNG) every --ckpt-every steps to RUN/ckpt.pt; `--resume` continues.
 """
 from __future__ import annotations
@@ -47,13 +49,14 @@ import torch
 import torch.nn.functional as F
 
 from . import tiny_model as tm
+from .train_binding import BindingLoss, parse_heads
 from .train_data import IGNORE, JsonlData, SyntheticStream
 STAGE_A_TASKS = {"caption": 3.0, "transcript": 2.0, "chitchat": 0.3}
 # Stage (b): harder skills get more weight; captions/transcripts stay in the mix so stage (a) is not forgotten.
 STAGE_B_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 1.3, "position": 1.2, "number": 1.8, "text": 1.2,
                    "beep_count": 1.3, "pitch": 0.8, "spoken_word": 1.8, "video_direction": 1.3,
                    "video_beeps": 1.5, "followup": 1.2, "chitchat": 0.4, "refusal": 0.6, "caption": 1.0,
-                   "transcript": 0.5}
+                   "transcript": 0.5, "scene": 1.5}
 PARAM_GROUPS = {
     "all": lambda n: True,
     "projectors": lambda n: n.startswith(("visual.merger", "audio_tower.proj1", "audio_tower.proj2")),
@@ -171,6 +174,10 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--aux-coef", type=float, default=0.01, help="MoE load-balancing loss weight")
+    ap.add_argument("--bind-coef", type=float, default=0.3,
+                    help="weight of the attention supervision on object questions (qwen_omni.train_binding)")
+    ap.add_argument("--bind-heads", default="-2:2,3;-1:0,1",
+                    help="which heads it supervises: 'LAYER:HEAD,...;...' (negative layers count from the end)")
     ap.add_argument("--augment", type=float, default=0.3, help="probability of JPEG/codec augmentation per media")
     ap.add_argument("--easy", type=float, default=0.7,
                     help="curriculum: share of easy samples (one large object) at the start; 0 = off")
@@ -357,6 +364,8 @@ def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, st
              f"peak lr {peak}, from step {step0}")
     loader, data = make_loader(args, stage, tok_dir, model, args.seed + 7919 * (offset + step0) + ord(stage))
     router = RouterLogits(model)
+    binder = BindingLoss(model, parse_heads(args.bind_heads if args.bind_coef > 0 else "",
+                                            len(model.model.layers)))
     model.train()
     bar = tqdm(total=steps, initial=step0, desc=f"stage {stage}", disable=args.no_tqdm, dynamic_ncols=True)
     ema = None
@@ -383,7 +392,8 @@ def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, st
                 logits = model(batch)
             loss, n_tok = lm_loss(logits, batch["labels"])
             aux = router.aux_loss()
-            total = loss + args.aux_coef * aux
+            bind = binder.loss(batch)
+            total = loss + args.aux_coef * aux + args.bind_coef * bind
             opt.zero_grad(set_to_none=True)
             total.backward()
             gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -396,6 +406,7 @@ def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, st
                 dt = (time.time() - t_last) / args.log_every
                 t_last = time.time()
                 log(run, f"stage {stage} step {done}/{steps} loss {float(loss):.4f} ema {ema:.4f} aux {float(aux):.3f} "
+                         f"bind mass {binder.mass(bind):.2f} "
                          f"gnorm {float(gn):.2f} lr {opt.param_groups[0]['lr']:.2e} easy {getattr(data, 'easy_p', 0):.2f} seq {batch['input_ids'].shape[1]} "
                          f"ntok {n_tok} {dt:.2f}s/step")
             if done % args.ckpt_every == 0 or done == steps:
@@ -421,6 +432,7 @@ def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, st
         bar.close()
         for h in router.handles:
             h.remove()
+        binder.remove()
     return False
 
 

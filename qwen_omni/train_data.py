@@ -1,8 +1,8 @@
 """Training data for `qwen_omni.train`: synthetic-world or user JSONL samples -> padded model-input batches.
 
 Design: a sample (chat messages + answer) goes through the serving `Processor`, so training sees exactly the
-token ids, media tensors and MRoPE positions that inference does; labels cover the answer and its closing
-`<|im_end|>` only. Batches right-pad ids/labels/positions and concatenate media in row order (the order the
+token ids, media tensors and MRoPE positions that inference does; labels cover every assistant turn's answer and
+its closing `<|im_end|>` (nothing of the prompts). Batches right-pad ids/labels/positions and concatenate media in row order (the order the
 model scatters features back in). Robustness augmentation (JPEG/rescale, MP3/Ogg) mimics real uploads.
 """
 from __future__ import annotations
@@ -42,21 +42,31 @@ def augment(sample, rng: np.random.Generator, p: float):
     return sample
 
 
-def encode(processor, tokenizer, messages: list[dict], answer: str) -> dict:
-    """Model inputs for messages + the answer as the assistant turn, and labels on the answer + <|im_end|>."""
+def encode(processor, tokenizer, messages: list[dict], answer: str, meta: dict | None = None) -> dict:
+    """Model inputs for messages + the answer as the assistant turn, and labels on every assistant turn's text +
+    <|im_end|> (the earlier turns of a follow-up or a scene dialogue are supervised too). With a sample's `meta`
+    naming the object each answer is about, also the attention-supervision rows (`train_binding.targets`)."""
     msgs = list(messages) + [{"role": "assistant", "content": answer}]
     inp = processor(tokenizer, msgs, add_generation_prompt=False)
     ids = inp["input_ids"][0]
-    im_start, im_end = tm.TOKEN_IDS["<|im_start|>"], tm.TOKEN_IDS["<|im_end|>"]
-    starts = (ids == im_start).nonzero().flatten()
-    head = len(tokenizer.encode("assistant\n"))
-    first = int(starts[-1]) + 1 + head
-    ends = (ids == im_end).nonzero().flatten()
-    last = int(ends[ends >= first][0])
+    head = tokenizer.encode("assistant\n")
+    ends = (ids == tm.TOKEN_IDS["<|im_end|>"]).nonzero().flatten().tolist()
     labels = torch.full_like(ids, IGNORE)
-    labels[first:last + 1] = ids[first:last + 1]
+    starts = []
+    for start in (ids == tm.TOKEN_IDS["<|im_start|>"]).nonzero().flatten().tolist():
+        first = start + 1 + len(head)
+        if ids[start + 1:first].tolist() == head:
+            last = next(e for e in ends if e >= first)
+            labels[first:last + 1] = ids[first:last + 1]
+            starts.append(first)
     inp.pop("cache_key", None)
     inp["labels"] = labels[None]
+    if meta and meta.get("targets") and "image_grid_thw" in inp:
+        from .train_binding import targets
+
+        inp["bind_q"], inp["bind_t"] = targets(ids, starts, meta, inp["image_grid_thw"], processor.p.merge_size,
+                                               processor.p.patch_size * processor.p.merge_size,
+                                               tm.TOKEN_IDS["<|image_pad|>"])
     return inp
 
 
@@ -81,6 +91,11 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
         parts = [x[k] for x in items if k in x]
         if parts:
             out[k] = torch.cat(parts)
+    bind = [(i, x["bind_q"], x["bind_t"]) for i, x in enumerate(items) if "bind_q" in x and len(x["bind_q"])]
+    if bind:  # attention-supervision rows (train_binding): batch row, query position, target mask padded to S
+        out["bind_rows"] = torch.cat([torch.full((len(q),), i) for i, q, _ in bind])
+        out["bind_q"] = torch.cat([q for _, q, _ in bind])
+        out["bind_t"] = torch.cat([F.pad(t, (0, S - t.shape[1])) for _, _, t in bind])
     feats = [(x["input_features"], x["feature_attention_mask"]) for x in items if "input_features" in x]
     if feats:
         T = max(f.shape[2] for f, _ in feats)
@@ -118,7 +133,7 @@ class SyntheticStream(torch.utils.data.IterableDataset):
             items = []
             while len(items) < self.batch:
                 s = augment(next(stream), rng, self.augment_p)
-                items.append(encode(proc, tok, s.messages, s.answer))
+                items.append(encode(proc, tok, s.messages, s.answer, s.meta))
             yield collate(items)
 
 

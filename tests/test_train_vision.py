@@ -3,6 +3,7 @@
 - labels land on the tokens whose pixels hold the object, in the encoder's merged-token order (checked against
   the patch rows the processor makes, so a transposed or shuffled grid fails);
 - `render_text(boxes=True)` draws the same image and returns one box per character, left to right;
+- the heads train every view the decoder gets of the vision tokens (merged tokens, then each DeepStack sum);
 - a few steps on a micro model lower the loss, and `--steps-v` runs the stage inside `qwen_omni.train`, after
   which `--train no-vision-tower` leaves the tower's blocks as stage (v) left them.
 """
@@ -71,6 +72,19 @@ def test_batch_labels_cover_every_token(micro):
     assert all(v.shape[0] == n_tok for v in b["labels"].values())
     assert b["pixel_values"].shape[0] == 4 * n_tok
     assert (b["labels"]["shape"] > 0).any() or (b["labels"]["char"] > 0).any()
+
+
+def test_heads_read_every_view_the_decoder_gets(micro):
+    """The merged tokens, then the running sum after each DeepStack addition, as `TextModel` adds them."""
+    model, proc = micro
+    b = V.make_batch(np.random.default_rng(3), proc, 2, augment_p=0.0)
+    with torch.no_grad():
+        feats, deep = model.visual(b["pixel_values"], b["image_grid_thw"])
+    views = V.decoder_views(feats, deep)
+    assert len(deep) == len(model.cfg.vision.deepstack_visual_indexes) and len(views) == len(deep) + 1
+    torch.testing.assert_close(views[0], feats)
+    torch.testing.assert_close(views[-1], feats + sum(deep))
+    assert V.decoder_views(feats, None) == [feats]
 
 
 def test_stage_v_lowers_the_loss(micro):
