@@ -19,7 +19,6 @@ count from the end).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .decoder import rotate
@@ -104,11 +103,6 @@ class BindingLoss:
                 n += M
         self._inputs.clear()
         return total / max(n, 1)
-
-    @staticmethod
-    def mass(loss: torch.Tensor) -> float:
-        """The geometric-mean attention mass on targets that a loss value means (for logs)."""
-        return float(np.exp(-float(loss)))
 
     def remove(self) -> None:
         for h in self.handles:
