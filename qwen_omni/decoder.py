@@ -81,8 +81,12 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, enable_gqa=self.kv_heads != self.heads)
         else:
             k, v = cache.write(layer, k, v)
+            if S == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
+                # One query in bf16/fp16: torch's CPU SDPA kernel is 2-4x slower than upcasting q/k/v and running
+                # it in float32 (measured, 8 rows x 350 cached positions: 1205 us vs 311 us), and float32 is exact.
+                q, k, v = q.float(), k.float(), v.float()
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
-                                               enable_gqa=self.kv_heads != self.heads)
+                                               enable_gqa=self.kv_heads != self.heads).to(x.dtype)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
 
 
