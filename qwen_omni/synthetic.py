@@ -198,7 +198,7 @@ def _attr(o: sm.Obj, attr: str) -> str:
     return {"shape": o.shape, "color": o.color, "position": o.position}[attr]
 
 
-def _where_meta(img, objs: list[sm.Obj], targets: list[int | None]) -> dict:
+def _geometry(img, objs: list[sm.Obj], targets: list[int | None]) -> dict:
     return {"objects": objs, "size": img.size, "targets": targets}
 
 
@@ -219,7 +219,7 @@ def _task_object(task: str, rng, split: str, easy: bool = False) -> Sample:
     by_choices = tuple(b for b in ("shape", "color", "position") if b != attr)
     img, objs, k, q, _ = _object_question(rng, split, attr, by_choices, easy, big=attr != "position")
     return Sample(task, [_user(_image(img), _text(_vary(rng, q)))], _attr(objs[k], attr),
-                  {"modality": "image", "n_objects": len(objs), **_where_meta(img, objs, [k])})
+                  {"modality": "image", "n_objects": len(objs), **_geometry(img, objs, [k])})
 
 
 def _task_followup(rng, split: str, easy: bool = False) -> Sample:
@@ -230,7 +230,7 @@ def _task_followup(rng, split: str, easy: bool = False) -> Sample:
     msgs = [_user(_image(img), _text(_vary(rng, q1))), {"role": "assistant", "content": _attr(objs[k], a1)},
             _user(_text(_vary(rng, q2)))]
     return Sample("followup", msgs, _attr(objs[k], a2),
-                  {"modality": "image", "first": a1, "second": a2, **_where_meta(img, objs, [k, k])})
+                  {"modality": "image", "first": a1, "second": a2, **_geometry(img, objs, [k, k])})
 
 
 def _task_scene(rng, split: str, easy: bool = False) -> Sample:
@@ -268,7 +268,7 @@ def _task_scene(rng, split: str, easy: bool = False) -> Sample:
                  {"role": "assistant", "content": ans}]
         targets.append(last)
     return Sample("scene", msgs[:-1], msgs[-1]["content"],
-                  {"modality": "image", "n_objects": n, **_where_meta(img, objs, targets)})
+                  {"modality": "image", "n_objects": n, **_geometry(img, objs, targets)})
 
 
 def _task_caption(rng, split: str, easy: bool = False) -> Sample:

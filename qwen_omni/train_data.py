@@ -3,7 +3,8 @@
 Design: a sample (chat messages + answer) goes through the serving `Processor`, so training sees exactly the
 token ids, media tensors and MRoPE positions that inference does; labels cover every assistant turn's answer and
 its closing `<|im_end|>` (nothing of the prompts). Batches right-pad ids/labels/positions and concatenate media
-in row order (the order the model scatters features back in). Robustness augmentation (JPEG/rescale, MP3/Ogg) mimics real uploads.
+in row order (the order the model scatters features back in). Robustness augmentation (JPEG/rescale, MP3/Ogg)
+mimics real uploads.
 """
 from __future__ import annotations
 

@@ -13,9 +13,10 @@ heads on each merged token (the vectors the decoder reads):
   where  - the token's (row, col) in [0, 1] within the image              MSE (absolute place; what
            "top left" needs: the decoder's MRoPE only gives relative positions)
 That is ~36 labels per image instead of one. The same heads read every view the decoder gets of those tokens: the
-merged tokens, and the running sums after each DeepStack addition (`decoder_views`). The heads are thrown away afterwards; the checkpoint format is
-unchanged. Batches render images directly (`synthetic_media`) and turn them into patches with the serving
-`Processor`'s image path, with the same JPEG/rescale augmentation as the other stages.
+merged tokens, and the running sums after each DeepStack addition (`decoder_views`). The heads are thrown away
+afterwards; the checkpoint format is unchanged. Batches render images directly (`synthetic_media`) and turn them
+into patches with the serving `Processor`'s image path, with the same JPEG/rescale augmentation as the other
+stages.
 """
 from __future__ import annotations
 
