@@ -11,16 +11,21 @@ Anything with `num_experts` and `run(e, x)` can stand in for `Experts` (e.g. `qu
 An optional shared expert with a sigmoid gate is added (the Qwen3-Omni talker).
 `forward_reference` is the slow per-expert loop used by the tests as ground truth.
 
-`Linear` / `linear` (used by the whole decoder): nn.Linear, except that a single bfloat16 row on the CPU may run
-as `torch.mv` - a decode step is mostly such products, and which kernel is faster depends on the CPU. On one
-AVX512-BF16 machine torch's GEMV kernel was 1.3-1.4x faster per weight than the oneDNN GEMM `F.linear` picks
-(8.7 vs 6.5 G weights/s on the 0.6B's layer matrices); on an AMD EPYC with AVX512-BF16 it was 2-4x *slower*
-(2.9 vs 11.8 G weights/s on 2048x2048). So `gemv_wins()` times both once per process (a few ms) and `linear`
-uses the faster. Other dtypes keep `F.linear` (fp16 `mv` is slower; fp32 is the same kernel). A bias goes in
-through `addmv` (rounded once, like the fused GEMM).
+`Linear` / `linear` (used by the whole decoder): nn.Linear, with the CPU kernel picked for the decode step.
+- float32: torch sends it to MKL's GEMM, which on AMD CPUs runs a slow generic path: on an AMD EPYC (AVX512) a
+  151936x1024 lm_head row took 36 ms (17 GB/s, one thread's worth) and 8 rows 107 ms; oneDNN's
+  `mkldnn::_linear_pointwise` on the same plain weight took 20 and 36 ms (1.0x-3x faster on every matrix of
+  >= 2^18 weights, 1-512 rows). Below that size its ~20 us call overhead loses to MKL (7 vs 27 us on 256x256),
+  so only big weights go there (`ONEDNN_MIN_WEIGHTS`), and only without autograd (it has no backward).
+  bfloat16 `F.linear` already runs on oneDNN.
+- one bfloat16 row may run as `torch.mv`: on one AVX512-BF16 machine torch's GEMV kernel was 1.3-1.4x faster per
+  weight than oneDNN (8.7 vs 6.5 G weights/s on the 0.6B's matrices); on an AMD EPYC it was 2-4x *slower*
+  (2.9 vs 11.8 G weights/s on 2048x2048). So `gemv_wins()` times both once per process (a few ms). A bias goes
+  in through `addmv` (rounded once, like the fused GEMM). fp16 `mv` is slower: fp16 keeps `F.linear`.
 """
 from __future__ import annotations
 
+import platform
 import time
 
 import torch
@@ -29,6 +34,11 @@ from torch import nn
 
 
 DENSE_MAX_ROWS = 8  # see SparseMoE._dense_pays
+ONEDNN_MIN_WEIGHTS = 1 << 18  # float32 weights at least this big use oneDNN on x86 CPUs (see the module docstring)
+# x86 builds of torch ship oneDNN; elsewhere (ARM) it may be absent or built on another backend: keep F.linear.
+_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+_onednn_linear = torch.ops.mkldnn._linear_pointwise if _ONEDNN else None  # (x (..., K), w (N, K), bias, ...)
 
 
 _GEMV_WINS: bool | None = None
@@ -57,14 +67,17 @@ def gemv_wins() -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x (..., K), weight (N, K); one bf16 CPU row goes through the GEMV kernel
-    where that is faster (`gemv_wins`)."""
+    """F.linear(x, weight, bias) for x (..., K), weight (N, K), through the faster CPU kernel for the case (module
+    docstring): oneDNN for big float32 weights at inference, the GEMV kernel for one bf16 row where it wins."""
     # Same dtypes only: under CPU autocast (training with --bf16) the weight stays fp32 and F.linear casts.
-    if x.dtype == torch.bfloat16 == weight.dtype and x.numel() == x.shape[-1] and x.device.type == "cpu" \
-            and gemv_wins():
-        v = x.reshape(-1)
-        y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)  # bias inside: one rounding
-        return y.view(*x.shape[:-1], weight.shape[0])
+    if x.device.type == "cpu" and x.dtype == weight.dtype:
+        if x.dtype == torch.float32 and _onednn_linear is not None and weight.numel() >= ONEDNN_MIN_WEIGHTS \
+                and weight.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return _onednn_linear(x, weight, bias, "none", [], "")  # "none": no fused activation
+        if x.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and gemv_wins():
+            v = x.reshape(-1)
+            y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)  # bias inside: one rounding
+            return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 

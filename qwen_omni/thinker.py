@@ -24,6 +24,7 @@ from encoders.qwen25_vision import Qwen25VisionEncoder
 from .decoder import TextModel
 from .errors import InputError
 from .kv_cache import KVCache
+from .moe import Linear
 from .omni_config import ThinkerConfig
 
 
@@ -35,7 +36,7 @@ class Thinker(nn.Module):
         self.audio_tower = (Qwen3AudioEncoder if q3 else Qwen25AudioEncoder)(cfg.audio)
         self.visual = (Qwen3VisionEncoder if q3 else Qwen25VisionEncoder)(cfg.vision)
         self.model = TextModel(cfg.text)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.tie_weights()
         self.encode_seconds = 0.0  # running total of time spent in the encoders (the app shows it per reply)
 
