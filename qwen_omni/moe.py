@@ -126,6 +126,7 @@ class SparseMoE(nn.Module):
         self.experts = Experts(num_experts, hidden, moe_inter)
         self.shared_expert = MLP(hidden, shared_inter) if shared_inter else None
         self.shared_expert_gate = Linear(hidden, 1, bias=False) if shared_inter else None
+        self._packed: tuple | None = None  # (key, gate_up, down): oneDNN copies for `_all_experts`, not saved
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> (weights (N, k) in x.dtype, expert ids (N, k))."""
@@ -161,21 +162,45 @@ class SparseMoE(nn.Module):
 
     def _dense_pays(self, n: int) -> bool:
         """A few rows whose (row, expert) pairs outnumber the experts twice over (a batched decode step of a
-        small MoE) reach nearly every expert anyway: then every expert on every row in two batched products
-        beats a Python loop of ~6 ops per expert. Measured on the embedded model (8 experts, top-2), a whole
-        8-row decode step: 5.9 vs 10.0 ms bf16, 8.1 vs 8.8 ms fp32 (one thread). With 64 experts top-8 the extra
-        products (E/k x the sparse work) cost more than the loop, and the rule keeps those on the grouped path.
-        Capped at DENSE_MAX_ROWS rows; float stacked experts only (int8 experts have no batched kernel)."""
+        small MoE) reach nearly every expert anyway: then every expert on every row in two products beats a
+        Python loop of ~6 ops per expert. With 64 experts top-8 the extra products (E/k x the sparse work) cost
+        more than the loop, and the rule keeps those on the grouped path. Capped at DENSE_MAX_ROWS rows; float
+        stacked experts only (int8 experts have no batched kernel)."""
         return (n <= DENSE_MAX_ROWS and n * self.top_k >= 2 * self.experts.num_experts
                 and isinstance(self.experts, Experts))
 
     def _all_experts(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x (N, H) -> (N, H): all experts on all rows, the unchosen ones weighted by exactly 0."""
+        """x (N, H) -> (N, H): all experts on all rows, the unchosen ones weighted by exactly 0, as two products:
+        gate_up of every expert at once, then down over the experts' weighted activations side by side."""
+        n, (gate_up, down) = x.shape[0], self._dense_weights()
+        h = self._dense_linear(x, gate_up).view(n, self.experts.num_experts, 2, -1)     # (N, E, 2, I)
+        act = F.silu(h[:, :, 0]) * h[:, :, 1]                                          # (N, E, I)
+        dense_w = torch.zeros(n, self.experts.num_experts, dtype=x.dtype, device=x.device).scatter_(1, idx, w)
+        return self._dense_linear((act * dense_w[:, :, None]).reshape(n, -1), down)    # (N, E*I) -> (N, H)
+
+    def _dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up (E*2I, H), down (H, E*I)) for `_all_experts`. MKL repacks a weight on every small-M GEMM
+        call, which made an 8-row step of the embedded model's MoE cost 7x a 1-row one (4.9 vs 0.7 ms, one
+        thread; prepacked: 2.6 ms, the whole step 7.7 -> 5.3 ms). So at inference on x86 the pair is kept
+        prepacked for oneDNN (a copy of the experts, small MoEs only: `_dense_pays`), rebuilt when the experts
+        change (in-place training updates bump their version). With autograd: plain views of the experts."""
         ex = self.experts
-        gate, up = torch.matmul(x, ex.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # (E, N, I) each
-        y = torch.matmul(F.silu(gate) * up, ex.down_proj.transpose(1, 2))               # (E, N, H)
-        dense_w = torch.zeros(x.shape[0], ex.num_experts, dtype=x.dtype, device=x.device).scatter_(1, idx, w)  # (N, E)
-        return (y * dense_w.T[:, :, None]).sum(0)
+        gu, dn = ex.gate_up_proj, ex.down_proj
+        E, H, I = dn.shape
+        if (torch.is_grad_enabled() and gu.requires_grad) or _onednn_linear is None or gu.device.type != "cpu" \
+                or gu.dtype not in (torch.float32, torch.bfloat16):
+            return gu.reshape(E * 2 * I, H), dn.permute(1, 0, 2).reshape(H, E * I)
+        key = (gu.data_ptr(), gu._version, dn.data_ptr(), dn._version, gu.dtype)
+        if self._packed is None or self._packed[0] != key:
+            with torch.no_grad():
+                pack = torch.ops.mkldnn._reorder_linear_weight
+                self._packed = (key, pack(gu.reshape(E * 2 * I, H), None),
+                                pack(dn.permute(1, 0, 2).reshape(H, E * I).contiguous(), None))
+        return self._packed[1], self._packed[2]
+
+    @staticmethod
+    def _dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _onednn_linear(x, weight, None, "none", [], "") if weight.is_mkldnn else F.linear(x, weight)
 
     def _one_token(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (1, H), w (k,), idx (k,) -> (1, H). Ascending expert order, zeros + y0 + y1 ... like index_add_."""

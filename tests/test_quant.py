@@ -249,3 +249,21 @@ def test_float32_big_weight_linear_uses_onednn_at_inference(monkeypatch):
     small = torch.randn(64, 64, generator=g)  # below the threshold: F.linear (oneDNN's call overhead loses there)
     moe.linear(torch.randn(1, 64, generator=g), small)
     assert len(calls) == n
+
+
+def test_dense_expert_path_follows_weight_updates_and_autograd():
+    """The all-experts path keeps oneDNN copies of the experts at inference: an in-place update of the experts
+    (an optimizer step) must be seen by the next call, and with autograd the gradient reaches the stacked experts
+    (plain weights then) and equals the reference loop's."""
+    moe = make_moe(True)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(5))
+    assert moe._dense_pays(8)
+    with torch.no_grad():
+        before = moe(x)
+        moe.experts.down_proj.mul_(2.0)  # routing unchanged, output doubles
+        torch.testing.assert_close(moe(x), 2 * before, rtol=1e-5, atol=1e-6)
+    moe(x).square().sum().backward()
+    fast = moe.experts.gate_up_proj.grad.clone()
+    moe.zero_grad()
+    moe.forward_reference(x).square().sum().backward()
+    torch.testing.assert_close(fast, moe.experts.gate_up_proj.grad, rtol=1e-4, atol=1e-5)
