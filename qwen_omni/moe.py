@@ -25,6 +25,7 @@ An optional shared expert with a sigmoid gate is added (the Qwen3-Omni talker).
 """
 from __future__ import annotations
 
+import itertools
 import platform
 import time
 
@@ -148,16 +149,11 @@ class SparseMoE(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.experts.num_experts).tolist()
         token_of = order // self.top_k  # token index of each sorted pair
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            pairs = order[start:start + n]
-            toks = token_of[start:start + n]
-            y = self.experts.run(e, x[toks]) * w.reshape(-1)[pairs, None]
-            out.index_add_(0, toks, y)
-            start += n
+        xs = x[token_of]  # (N*k, H): the pairs' inputs, grouped by expert; each group is a slice, not a gather
+        ends = itertools.accumulate(counts)
+        ys = torch.cat([self.experts.run(e, xs[end - n:end]) for e, (n, end) in enumerate(zip(counts, ends)) if n])
+        # one weighted scatter-add in expert order: the additions of a per-expert loop, in the same order
+        out = torch.zeros_like(x).index_add_(0, token_of, ys * w.reshape(-1)[order, None])
         return self._add_shared(x, out).reshape(shape)
 
     def _dense_pays(self, n: int) -> bool:

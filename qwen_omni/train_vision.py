@@ -176,7 +176,7 @@ def run_stage_v(model, proc, steps: int, *, batch: int = 32, lr: float = 1e-3, s
     params = list(model.visual.parameters()) + list(heads.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.05, fused=True)
     rng = np.random.default_rng((seed, 4242))
     model.visual.train()
     t0 = time.time()
