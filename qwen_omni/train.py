@@ -316,7 +316,7 @@ def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, st
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.98), eps=1e-8,
-                            fused=True)  # one kernel for all tensors: 26 vs 120 ms a step for the tiny model
+                            fused=True)  # one kernel for all tensors: 6 vs 34 ms a step for the tiny model
     if state is not None and state.get("opt"):
         opt.load_state_dict(state["opt"])
     log(run, f"stage {stage}: {steps} steps, training {group} ({sum(p.numel() for p in params):,} params), "
