@@ -168,22 +168,24 @@ class SparseMoE(nn.Module):
     def _all_experts(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (N, H) -> (N, H): all experts on all rows, the unchosen ones weighted by exactly 0, as two products:
         gate_up of every expert at once, then down over the experts' weighted activations side by side."""
-        n, (gate_up, down) = x.shape[0], self._dense_weights()
+        autograd = torch.is_grad_enabled() and (x.requires_grad or self.experts.gate_up_proj.requires_grad)
+        n, (gate_up, down) = x.shape[0], self._dense_weights(packed=not autograd)
         h = self._dense_linear(x, gate_up).view(n, self.experts.num_experts, 2, -1)     # (N, E, 2, I)
         act = F.silu(h[:, :, 0]) * h[:, :, 1]                                          # (N, E, I)
         dense_w = torch.zeros(n, self.experts.num_experts, dtype=x.dtype, device=x.device).scatter_(1, idx, w)
         return self._dense_linear((act * dense_w[:, :, None]).reshape(n, -1), down)    # (N, E*I) -> (N, H)
 
-    def _dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dense_weights(self, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up (E*2I, H), down (H, E*I)) for `_all_experts`. MKL repacks a weight on every small-M GEMM
         call, which made an 8-row step of the embedded model's MoE cost 7x a 1-row one (4.9 vs 0.7 ms, one
         thread; prepacked: 2.6 ms, the whole step 7.7 -> 5.3 ms). So at inference on x86 the pair is kept
         prepacked for oneDNN (a copy of the experts, small MoEs only: `_dense_pays`), rebuilt when the experts
-        change (in-place training updates bump their version). With autograd: plain views of the experts."""
+        change (in-place training updates bump their version). `packed=False` (autograd: oneDNN's op has no
+        backward): plain views of the experts."""
         ex = self.experts
         gu, dn = ex.gate_up_proj, ex.down_proj
         E, H, I = dn.shape
-        if (torch.is_grad_enabled() and gu.requires_grad) or _onednn_linear is None or gu.device.type != "cpu" \
+        if not packed or _onednn_linear is None or gu.device.type != "cpu" \
                 or gu.dtype not in (torch.float32, torch.bfloat16):
             return gu.reshape(E * 2 * I, H), dn.permute(1, 0, 2).reshape(H, E * I)
         key = (gu.data_ptr(), gu._version, dn.data_ptr(), dn._version, gu.dtype)

@@ -140,8 +140,33 @@ _TRAIN_MORE: dict[str, list[str]] = {
     "transcript": ["Transcribe this.", "What is in the audio?", "Describe the audio.", "What's in this sound?",
                    "Please transcribe the recording."],
 }
-for _key, _more in _TRAIN_MORE.items():
-    TEMPLATES[_key]["train"] = TEMPLATES[_key]["train"] + _more
+# A third round of training wording (train split only; same rules as above): the richer wording of the second
+# round lifted the held-out score most of anything tried (33.9% -> 48.5%), and held-out questions were still
+# often answered as another question type (a shape question answered with a position, an out-of-world question
+# answered about the picture).
+_TRAIN_MORE_3: dict[str, list[str]] = {
+    "color": ["Tell me which color {obj} has.", "Which color is used for {obj}?", "What color do you see on {obj}?",
+              "Color of {obj}, please.", "How is {obj} colored?", "What color is {obj} drawn in?",
+              "Which color would you say {obj} is?"],
+    "shape": ["Tell me what shape {obj} has.", "Which shape does {obj} have?", "What geometric shape is {obj}?",
+              "Which figure is {obj}?", "How would you describe the shape of {obj}?", "What outline does {obj} have?",
+              "Is {obj} a circle, a square or another shape?", "What shape does {obj} look like?"],
+    "position": ["Where exactly is {obj}?", "Which side is {obj} on?", "Where do you find {obj}?",
+                 "Tell me where {obj} appears.", "Where would I find {obj} in the picture?",
+                 "Point out where {obj} is.",
+                 "Where does {obj} appear?"],
+    "count": ["Count how many shapes there are.", "How many figures do you count?", "How many shapes are drawn?",
+              "How many items are in this image?", "Shapes: how many?", "How many things are in the picture?",
+              "What is the shape count here?"],
+    "number": ["Which number is this?", "What number is in the picture?", "What digits are shown?",
+               "Read out the number.", "What number is displayed?", "What is the number here?"],
+    "beep_count": ["How many beeps can be heard?", "Count how many beeps there are.",
+                   "How many times do you hear a beep?", "What's the beep count?",
+                   "How many beep sounds are there?", "Beeps: how many?"],
+}
+for _more in (_TRAIN_MORE, _TRAIN_MORE_3):
+    for _key, _extra in _more.items():
+        TEMPLATES[_key]["train"] = TEMPLATES[_key]["train"] + _extra
 
 # Words a user puts around a question (train split only, `synthetic._template`).
 TRAIN_PREFIXES = ("Please, ", "Hey, ", "OK, ", "So, ", "Quick question: ", "Hi! ", "One more thing: ", "Now, ",
@@ -177,16 +202,28 @@ REFUSAL_PROMPTS: dict[str, dict[str, list[str]]] = {
                 "How far is the moon?", "Explain quantum physics.", "Write an email to my boss.",
                 "What year did the war end?", "Recommend a good movie.", "What is 17 times 23?",
                 "Summarize this article for me.", "Who is the president?", "Give me a recipe for cake.",
-                "How do I fix my car?", "What's the best programming language?"],
+                "How do I fix my car?", "What's the best programming language?", "What is the tallest mountain?",
+                "Can you write code for a website?", "How many people live in China?", "What time is it?",
+                "Plan my vacation.", "Solve 3x + 5 = 20.", "What's the meaning of life?",
+                "Tell me about the Roman empire.", "Write a song about love.", "How do airplanes fly?",
+                "Which team will win tonight?", "Give me investment advice.", "What is the speed of light?",
+                "Can you book a flight for me?", "Teach me French.", "Debug my python code.",
+                "What is photosynthesis?", "Who invented the telephone?"],
                ["Who wrote Hamlet?", "What's the weather like tomorrow?", "Write a short story about a dragon.",
                 "How do I cook pasta?"]),
     "image": _p(["What breed is this dog?", "Whose face is this?", "What brand is this car?",
                  "What city is this photo from?",
                 "Is this person happy?", "What animal is in the photo?", "How old is this building?",
-                "What is the price of this item?", "Where was this picture taken?"],
+                "What is the price of this item?", "Where was this picture taken?", "Is this photo real or fake?",
+                "What is the name of this actor?", "How much does this house cost?", "What plant is this?",
+                "Which country's flag is this?", "What model of phone is this?", "What is this person wearing?",
+                "Rate this selfie.", "What material is this table made of?", "Which movie is this scene from?"],
                 ["What kind of bird is this?", "Which painter made this?", "What food is on the plate?"]),
     "audio": _p(["Who is the singer?", "What song is this?", "What instrument is playing?",
                 "What language is this?", "Who is speaking?", "What mood is this music?",
-                "Is this a man or a woman?"],
+                "Is this a man or a woman?", "What accent does the speaker have?", "Is this song popular?",
+                "Who composed this piece?", "What album is this from?", "What is the tempo in beats per minute?",
+                "What key is this music in?", "Is the speaker angry?", "Is this a live recording?",
+                "What year was this recorded?", "Which radio station is this?"],
                 ["Which band recorded this?", "What music genre is this?"]),
 }

@@ -267,3 +267,9 @@ def test_dense_expert_path_follows_weight_updates_and_autograd():
     moe.zero_grad()
     moe.forward_reference(x).square().sum().backward()
     torch.testing.assert_close(fast, moe.experts.gate_up_proj.grad, rtol=1e-4, atol=1e-5)
+    moe.requires_grad_(False)  # frozen experts, trainable input (e.g. only a projector trains): still a gradient
+    xg = x.clone().requires_grad_(True)
+    moe(xg).square().sum().backward()
+    xr = x.clone().requires_grad_(True)
+    moe.forward_reference(xr).square().sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-4, atol=1e-4)
