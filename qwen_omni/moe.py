@@ -72,8 +72,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     docstring): oneDNN for big float32 weights at inference, the GEMV kernel for one bf16 row where it wins."""
     # Same dtypes only: under CPU autocast (training with --bf16) the weight stays fp32 and F.linear casts.
     if x.device.type == "cpu" and x.dtype == weight.dtype:
+        autograd = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         if x.dtype == torch.float32 and _onednn_linear is not None and weight.numel() >= ONEDNN_MIN_WEIGHTS \
-                and weight.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+                and weight.is_contiguous() and not autograd:
             return _onednn_linear(x, weight, bias, "none", [], "")  # "none": no fused activation
         if x.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and gemv_wins():
             v = x.reshape(-1)

@@ -357,15 +357,16 @@ def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, st
             total.backward()
             gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
+            value = float(loss.detach())
+            ema = value if ema is None else 0.95 * ema + 0.05 * value
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.3f}", aux=f"{float(aux.detach()):.2f}")
             done = step + 1
             if done % args.log_every == 0 or done == steps:
                 dt = (time.time() - t_last) / args.log_every
                 t_last = time.time()
-                log(run, f"stage {stage} step {done}/{steps} loss {float(loss):.4f} ema {ema:.4f} aux {float(aux):.3f} "
-                         f"bind {float(bind):.3f} "
+                log(run, f"stage {stage} step {done}/{steps} loss {value:.4f} ema {ema:.4f} "
+                         f"aux {float(aux.detach()):.3f} bind {float(bind):.3f} "
                          f"gnorm {float(gn):.2f} lr {opt.param_groups[0]['lr']:.2e} easy {getattr(data, 'easy_p', 0):.2f} seq {batch['input_ids'].shape[1]} "
                          f"ntok {n_tok} {dt:.2f}s/step")
             if done % args.ckpt_every == 0 or done == steps:
