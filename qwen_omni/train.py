@@ -366,7 +366,7 @@ def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, st
                 dt = (time.time() - t_last) / args.log_every
                 t_last = time.time()
                 log(run, f"stage {stage} step {done}/{steps} loss {value:.4f} ema {ema:.4f} "
-                         f"aux {float(aux.detach()):.3f} bind {float(bind):.3f} "
+                         f"aux {float(aux.detach()):.3f} bind {float(bind.detach()):.3f} "
                          f"gnorm {float(gn):.2f} lr {opt.param_groups[0]['lr']:.2e} easy {getattr(data, 'easy_p', 0):.2f} seq {batch['input_ids'].shape[1]} "
                          f"ntok {n_tok} {dt:.2f}s/step")
             if done % args.ckpt_every == 0 or done == steps:
