@@ -130,6 +130,10 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = Linear(hidden, 1, bias=False) if shared_inter else None
         self._packed: tuple | None = None  # (key, gate_up, down): oneDNN copies for `_all_experts`, not saved
 
+    def __getstate__(self) -> dict:
+        # oneDNN's packed tensors have no storage: deepcopy / pickle would fail on them; they are rebuilt on use
+        return {**self.__dict__, "_packed": None}
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> (weights (N, k) in x.dtype, expert ids (N, k))."""
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)

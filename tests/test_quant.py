@@ -14,6 +14,8 @@ int8 experts are checked exactly at block level, where the router sees the same 
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -260,6 +262,8 @@ def test_dense_expert_path_follows_weight_updates_and_autograd():
     assert moe._dense_pays(8)
     with torch.no_grad():
         before = moe(x)
+        twin = copy.deepcopy(moe)  # the packed copies (no storage) are not copied: rebuilt on use
+        torch.testing.assert_close(twin(x), before)
         moe.experts.down_proj.mul_(2.0)  # routing unchanged, output doubles
         torch.testing.assert_close(moe(x), 2 * before, rtol=1e-5, atol=1e-6)
     moe(x).square().sum().backward()
