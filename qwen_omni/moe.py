@@ -67,14 +67,18 @@ def gemv_wins() -> bool:
     return _GEMV_WINS
 
 
+def needs_autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a product of x and weight must record a backward (oneDNN's `_linear_pointwise` has none)."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x (..., K), weight (N, K), through the faster CPU kernel for the case (module
     docstring): oneDNN for big float32 weights at inference, the GEMV kernel for one bf16 row where it wins."""
     # Same dtypes only: under CPU autocast (training with --bf16) the weight stays fp32 and F.linear casts.
     if x.device.type == "cpu" and x.dtype == weight.dtype:
-        autograd = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         if x.dtype == torch.float32 and _onednn_linear is not None and weight.numel() >= ONEDNN_MIN_WEIGHTS \
-                and weight.is_contiguous() and not autograd:
+                and weight.is_contiguous() and not needs_autograd(x, weight):
             return _onednn_linear(x, weight, bias, "none", [], "")  # "none": no fused activation
         if x.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and gemv_wins():
             v = x.reshape(-1)
@@ -173,8 +177,8 @@ class SparseMoE(nn.Module):
     def _all_experts(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (N, H) -> (N, H): all experts on all rows, the unchosen ones weighted by exactly 0, as two products:
         gate_up of every expert at once, then down over the experts' weighted activations side by side."""
-        autograd = torch.is_grad_enabled() and (x.requires_grad or self.experts.gate_up_proj.requires_grad)
-        n, (gate_up, down) = x.shape[0], self._dense_weights(packed=not autograd)
+        packed = not needs_autograd(x, self.experts.gate_up_proj)
+        n, (gate_up, down) = x.shape[0], self._dense_weights(packed)
         h = self._dense_linear(x, gate_up).view(n, self.experts.num_experts, 2, -1)     # (N, E, 2, I)
         act = F.silu(h[:, :, 0]) * h[:, :, 1]                                          # (N, E, I)
         dense_w = torch.zeros(n, self.experts.num_experts, dtype=x.dtype, device=x.device).scatter_(1, idx, w)
