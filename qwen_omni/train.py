@@ -390,8 +390,7 @@ def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, st
                 periodic_eval(args, model, tok_dir, total_steps, stage)
     finally:
         bar.close()
-        for h in router.handles:
-            h.remove()
+        router.remove()
         binder.remove()
     return False
 

@@ -47,6 +47,10 @@ class RouterLogits:
         self.logits.clear()
         return total / len(self.handles)
 
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     lg = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
