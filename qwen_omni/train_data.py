@@ -21,6 +21,25 @@ from .synthetic import iter_samples
 
 IGNORE = -100
 
+# Task mixes of the synthetic stages (weights for `synthetic.iter_samples`).
+STAGE_A_TASKS = {"caption": 3.0, "transcript": 2.0, "chitchat": 0.3}
+# Stage (b): harder skills get more weight; captions/transcripts stay in the mix so stage (a) is not forgotten.
+STAGE_B_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 1.3, "position": 1.2, "number": 1.8, "text": 1.2,
+                   "beep_count": 1.3, "pitch": 0.8, "spoken_word": 1.8, "video_direction": 1.3,
+                   "video_beeps": 1.5, "followup": 1.2, "chitchat": 0.4, "refusal": 0.6, "caption": 1.0,
+                   "transcript": 0.5, "scene": 1.5}
+
+
+def task_weights(text: str) -> dict[str, float]:
+    """'shape=2.5,pitch=0.2' -> {'shape': 2.5, 'pitch': 0.2}; unknown tasks are an error, not a silent no-op."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        task, _, w = part.partition("=")
+        if task.strip() not in STAGE_B_WEIGHTS or not w:
+            raise ValueError(f"{part!r}: expected TASK=WEIGHT with TASK one of {sorted(STAGE_B_WEIGHTS)}")
+        out[task.strip()] = float(w)
+    return out
+
 
 # ---------------------------------------------------------------- samples -> tensors
 

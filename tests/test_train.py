@@ -161,6 +161,20 @@ def test_inline_stream_keeps_the_trainers_threads_and_follows_the_curriculum(ckp
         torch.set_num_threads(before)
 
 
+def test_mix_reweights_stage_b_and_rejects_unknown_tasks(ckpt, capsys):
+    """`--mix shape=...` changes only the named weights of the stage (b) stream; a misspelt task stops the run."""
+    d, model = ckpt
+    args = T.parse_args(["--mix", "shape=4,pitch=0", "--batch", "2"])
+    assert args.mix == {"shape": 4.0, "pitch": 0.0}
+    _, ds = T.make_loader(args, "b", d, model, seed=0)
+    assert ds.weights == {**D.STAGE_B_WEIGHTS, "shape": 4.0, "pitch": 0.0}
+    _, ds_a = T.make_loader(args, "a", d, model, seed=0)
+    assert ds_a.weights == D.STAGE_A_TASKS  # stage (a) keeps its own mix
+    with pytest.raises(SystemExit):
+        T.parse_args(["--mix", "shapes=2"])
+    assert "'shapes=2': expected TASK=WEIGHT" in capsys.readouterr().err
+
+
 def test_initialisation_keeps_the_audio_signal():
     """From scratch the audio front end must pass the mel signal on at a scale comparable to the sinusoidal
     positions it is added to (N(0, 0.02) convs once shrank it ~1e4-fold and audio never learned)."""
