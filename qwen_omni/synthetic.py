@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -290,7 +291,7 @@ def _task_caption(rng, split: str, easy: bool = False) -> Sample:
     return Sample("caption", [_user(part, _text(_vary(rng, _template(rng, key, split))))], cap, {"modality": mod})
 
 
-def _task_transcript(rng, split: str) -> Sample:
+def _task_transcript(rng, split: str, easy: bool = False) -> Sample:  # no easy variant
     if rng.random() < 0.5:
         audio, count, high, long = _beep_clip(rng)
         ans, kind = beeps_transcript(count, high, long), "beeps"
@@ -301,7 +302,7 @@ def _task_transcript(rng, split: str) -> Sample:
     return Sample("transcript", [_user(_audio(audio), _text(q))], ans, {"modality": "audio", "kind": kind})
 
 
-def _task_refusal(rng, split: str) -> Sample:
+def _task_refusal(rng, split: str, easy: bool = False) -> Sample:  # no easy variant
     kind = _pick(rng, ("text", "text", "image", "audio"))
     q = _vary(rng, _pick(rng, REFUSAL_PROMPTS[kind][split]))
     if kind == "image":
@@ -313,7 +314,7 @@ def _task_refusal(rng, split: str) -> Sample:
     return Sample("refusal", [_user(*parts, _text(q))], REFUSAL, {"modality": kind})
 
 
-def _task_chitchat(rng, split: str) -> Sample:
+def _task_chitchat(rng, split: str, easy: bool = False) -> Sample:  # no easy variant
     intent = _pick(rng, tuple(CHITCHAT))
     prompts, answer = CHITCHAT[intent]
     q = _vary(rng, _pick(rng, prompts[split]))
@@ -359,14 +360,18 @@ def make_sample(task: str, seed: int, split: str = "train", easy: bool = False) 
     if task not in TASKS + TRAIN_ONLY:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS + TRAIN_ONLY}")
     rng = np.random.default_rng((int(seed) & (2**64 - 1), zlib.crc32(task.encode()), SPLITS.index(split)))
-    if task in ("colour", "shape", "position"):
-        return _task_object(task, rng, split, easy)
-    if task in ("followup", "caption", "scene"):
-        return {"followup": _task_followup, "caption": _task_caption, "scene": _task_scene}[task](rng, split, easy)
-    special = {"transcript": _task_transcript, "refusal": _task_refusal, "chitchat": _task_chitchat}
-    if task in special:
-        return special[task](rng, split)
-    return _task_simple(task, rng, split, easy)
+    return _BUILDERS[task](rng, split, easy)
+
+
+# task -> builder(rng, split, easy)
+_BUILDERS: dict[str, Callable[..., Sample]] = {
+    **{t: partial(_task_object, t) for t in ("colour", "shape", "position")},
+    **{t: partial(_task_simple, t) for t in ("count", "number", "text", "beep_count", "pitch", "spoken_word",
+                                             "video_direction", "video_beeps")},
+    "followup": _task_followup, "caption": _task_caption, "scene": _task_scene,
+    "transcript": _task_transcript, "refusal": _task_refusal, "chitchat": _task_chitchat,
+}
+assert set(_BUILDERS) == set(TASKS + TRAIN_ONLY)
 
 
 def iter_samples(seed: int, split: str = "train", tasks: Sequence[str] = TASKS,
