@@ -139,6 +139,8 @@ def parse_args(argv=None):
                     help="which heads it supervises: 'LAYER:HEAD,...;...' (negative layers count from the end)")
     ap.add_argument("--mix", type=mix_arg, default={},
                     help="stage (b) task weights to change, e.g. 'shape=2.5,pitch=0.2' (the rest keep STAGE_B_WEIGHTS)")
+    ap.add_argument("--bucket", type=int, default=1,
+                    help="batches of similar length: sort this many batches' worth of samples by length (less padding)")
     ap.add_argument("--augment", type=float, default=0.3, help="probability of JPEG/codec augmentation per media")
     ap.add_argument("--easy", type=float, default=0.7,
                     help="curriculum: share of easy samples (one large object) at the start; 0 = off")
@@ -194,7 +196,7 @@ def make_loader(args, stage: str, tok_dir: Path, model, seed: int):
     else:
         weights = STAGE_A_TASKS if stage == "a" else {**STAGE_B_WEIGHTS, **args.mix}
         ds = SyntheticStream(tok_dir, model.config_dict, weights, args.batch, seed, args.augment,
-                             easy_p=easy_share(args.easy, stage, 0.0))
+                             easy_p=easy_share(args.easy, stage, 0.0), bucket=args.bucket)
     kw = dict(num_workers=args.workers, prefetch_factor=4, persistent_workers=False) if args.workers else {}
     return iter(torch.utils.data.DataLoader(ds, batch_size=None, **kw)), ds
 

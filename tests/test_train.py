@@ -161,6 +161,28 @@ def test_inline_stream_keeps_the_trainers_threads_and_follows_the_curriculum(ckp
         torch.set_num_threads(before)
 
 
+def test_length_buckets_hold_the_same_samples_with_less_padding(ckpt):
+    """`bucket=4` yields the same 4 batches' worth of samples as `bucket=1`, regrouped by length: each batch is a
+    contiguous run of the sorted lengths, and the padded positions in all go down."""
+    d, model = ckpt
+    mix = {"colour": 1.0, "chitchat": 1.0, "video_beeps": 1.0, "followup": 1.0}
+
+    def first(bucket):
+        ds = D.SyntheticStream(d, model.config_dict, mix, 4, seed=3, augment_p=0.0, bucket=bucket)
+        it = iter(ds)
+        return [next(it) for _ in range(4)]
+
+    def lengths(b):  # real tokens per row: pads are 0 and follow the last real token
+        return sorted(int((row != 0).nonzero().max()) + 1 for row in b["input_ids"])
+
+    plain, bucketed = first(1), first(4)
+    assert sorted(n for b in plain for n in lengths(b)) == sorted(n for b in bucketed for n in lengths(b))
+    runs = sorted((lengths(b) for b in bucketed), key=lambda r: r[0])
+    assert all(a[-1] <= b[0] for a, b in zip(runs, runs[1:]))  # no overlap between batches' length ranges
+    padded = [sum(b["input_ids"].numel() for b in bs) for bs in (plain, bucketed)]
+    assert padded[1] < padded[0]
+
+
 def test_mix_reweights_stage_b_and_rejects_unknown_tasks(ckpt, capsys):
     """`--mix shape=...` changes only the named weights of the stage (b) stream; a misspelt task stops the run."""
     d, model = ckpt
