@@ -164,7 +164,21 @@ _TRAIN_MORE_3: dict[str, list[str]] = {
                    "How many times do you hear a beep?", "What's the beep count?",
                    "How many beep sounds are there?", "Beeps: how many?"],
 }
-for _more in (_TRAIN_MORE, _TRAIN_MORE_3):
+# A fourth round (train split only; same rules): held-out video questions that name both the shape and the clip
+# were answered with a caption ("a pink square moving down"), and out-of-world "how do I ..." questions with the
+# capabilities answer, out-of-world questions about a sound or a photo with an answer about the media. So: motion
+# questions that also mention the video, and more out-of-world prompts of those kinds (`REFUSAL_PROMPTS` below).
+_TRAIN_MORE_4: dict[str, list[str]] = {
+    "video_move": ["What is the shape doing in the video?", "How does the shape move in this clip?",
+                   "In this video, where does the shape go?", "Watch the clip: which way does the shape move?",
+                   "What movement does the shape make in the video?", "Which direction does the object travel?",
+                   "Where is the object going in this video?", "Tell me how the shape moves."],
+    "video_size": ["What is the shape doing in the video?", "How does the shape change in this clip?",
+                   "In this video, does the shape get larger?", "Watch the clip: what happens to the shape's size?",
+                   "Is the object in the video getting bigger?", "Does the shape in this clip become smaller?",
+                   "Tell me how the shape changes."],
+}
+for _more in (_TRAIN_MORE, _TRAIN_MORE_3, _TRAIN_MORE_4):
     for _key, _extra in _more.items():
         TEMPLATES[_key]["train"] = TEMPLATES[_key]["train"] + _extra
 
@@ -208,7 +222,13 @@ REFUSAL_PROMPTS: dict[str, dict[str, list[str]]] = {
                 "Tell me about the Roman empire.", "Write a song about love.", "How do airplanes fly?",
                 "Which team will win tonight?", "Give me investment advice.", "What is the speed of light?",
                 "Can you book a flight for me?", "Teach me French.", "Debug my python code.",
-                "What is photosynthesis?", "Who invented the telephone?"],
+                "What is photosynthesis?", "Who invented the telephone?",
+                # round 4: "how do I / can I ..." and other everyday requests outside this world
+                "How do I bake bread?", "How can I learn to swim?", "How do I change a tire?",
+                "How do I make coffee?", "How can I lose weight?", "How do I tie a tie?", "How do I get to the station?",
+                "How can I sleep better?", "How do I grow tomatoes?", "How do I reset my password?",
+                "What should I eat for dinner?", "Where can I buy shoes?", "Who painted the Mona Lisa?",
+                "Why is the sky blue?", "Tell me a fun fact.", "What's the best pizza topping?"],
                ["Who wrote Hamlet?", "What's the weather like tomorrow?", "Write a short story about a dragon.",
                 "How do I cook pasta?"]),
     "image": _p(["What breed is this dog?", "Whose face is this?", "What brand is this car?",
@@ -217,13 +237,21 @@ REFUSAL_PROMPTS: dict[str, dict[str, list[str]]] = {
                 "What is the price of this item?", "Where was this picture taken?", "Is this photo real or fake?",
                 "What is the name of this actor?", "How much does this house cost?", "What plant is this?",
                 "Which country's flag is this?", "What model of phone is this?", "What is this person wearing?",
-                "Rate this selfie.", "What material is this table made of?", "Which movie is this scene from?"],
+                "Rate this selfie.", "What material is this table made of?", "Which movie is this scene from?",
+                # round 4
+                "What dish is this?", "What fruit is this?", "Is this meal healthy?", "How many calories are in this?",
+                "Who drew this?", "What style of art is this?", "What is this dog's name?", "Is this cake tasty?",
+                "What tree is this?", "Which museum is this painting in?"],
                 ["What kind of bird is this?", "Which painter made this?", "What food is on the plate?"]),
     "audio": _p(["Who is the singer?", "What song is this?", "What instrument is playing?",
                 "What language is this?", "Who is speaking?", "What mood is this music?",
                 "Is this a man or a woman?", "What accent does the speaker have?", "Is this song popular?",
                 "Who composed this piece?", "What album is this from?", "What is the tempo in beats per minute?",
                 "What key is this music in?", "Is the speaker angry?", "Is this a live recording?",
-                "What year was this recorded?", "Which radio station is this?"],
+                "What year was this recorded?", "Which radio station is this?",
+                # round 4
+                "Which artist sang this?", "Who recorded this track?", "What band is playing?",
+                "Who wrote this song?", "What record label released this?", "Is this jazz or rock?",
+                "What are the lyrics?", "Who is the drummer?", "Which concert is this from?"],
                 ["Which band recorded this?", "What music genre is this?"]),
 }
