@@ -4,7 +4,8 @@ Router: logits = x @ gate^T, softmax in float32, top-k, optional renormalisation
 back to the activation dtype. Experts are stacked like transformers v5 keeps them in memory:
 `experts.gate_up_proj` (E, 2I, H) with gate rows first and `experts.down_proj` (E, H, I); the loader stacks the
 per-expert tensors found on disk. Only the chosen experts run: token/expert pairs are sorted by expert and each
-active expert runs once on its group of tokens (a loop over active experts, never over tokens).
+active expert runs once on its group of tokens: at CPU inference one `F.grouped_mm` per projection over all the
+groups, otherwise (autograd, int8 experts, GPUs) a loop over active experts, never over tokens.
 A single token (the decode step) takes a short path: its k experts in ascending id order, with no argsort /
 bincount / gather / index_add, but the same products and additions, in the same order, as the grouped path.
 Anything with `num_experts` and `run(e, x)` can stand in for `Experts` (e.g. `quant.Int8Experts`).
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-DENSE_MAX_ROWS = 8  # see SparseMoE._dense_pays
+_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.9; see SparseMoE._grouped_kernel
 ONEDNN_MIN_WEIGHTS = 1 << 18  # float32 weights at least this big use oneDNN on x86 CPUs (see the module docstring)
 # x86 builds of torch ship oneDNN; elsewhere (ARM) it may be absent or built on another backend: keep F.linear.
 _ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
@@ -132,11 +133,6 @@ class SparseMoE(nn.Module):
         self.experts = Experts(num_experts, hidden, moe_inter)
         self.shared_expert = MLP(hidden, shared_inter) if shared_inter else None
         self.shared_expert_gate = Linear(hidden, 1, bias=False) if shared_inter else None
-        self._packed: tuple | None = None  # (key, gate_up, down): oneDNN copies for `_all_experts`, not saved
-
-    def __getstate__(self) -> dict:
-        # oneDNN's packed tensors have no storage: deepcopy / pickle would fail on them; they are rebuilt on use
-        return {**self.__dict__, "_packed": None}
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> (weights (N, k) in x.dtype, expert ids (N, k))."""
@@ -152,62 +148,38 @@ class SparseMoE(nn.Module):
         w, idx = self.route(x)
         if x.shape[0] == 1:
             return self._add_shared(x, self._one_token(x, w[0], idx[0])).reshape(shape)
-        if self._dense_pays(x.shape[0]):
-            return self._add_shared(x, self._all_experts(x, w, idx)).reshape(shape)
         flat = idx.reshape(-1)  # (N*k,) expert of each (token, slot) pair
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.experts.num_experts).tolist()
         token_of = order // self.top_k  # token index of each sorted pair
-        xs = x[token_of]  # (N*k, H): the pairs' inputs, grouped by expert; each group is a slice, not a gather
-        ends = itertools.accumulate(counts)
-        ys = torch.cat([self.experts.run(e, xs[end - n:end]) for e, (n, end) in enumerate(zip(counts, ends)) if n])
+        xs = x[token_of]  # (N*k, H): the pairs' inputs, grouped by expert
+        counts = torch.bincount(flat, minlength=self.experts.num_experts)  # (E,)
+        if self._grouped_kernel(xs):
+            ys = self._run_grouped(xs, counts.cumsum(0).to(torch.int32))
+        else:  # a loop over the active experts; each group is a slice of xs, not a gather
+            sizes = counts.tolist()
+            ys = torch.cat([self.experts.run(e, xs[end - n:end])
+                            for e, (n, end) in enumerate(zip(sizes, itertools.accumulate(sizes))) if n])
         # one weighted scatter-add in expert order: the additions of a per-expert loop, in the same order
         out = torch.zeros_like(x).index_add_(0, token_of, ys * w.reshape(-1)[order, None])
         return self._add_shared(x, out).reshape(shape)
 
-    def _dense_pays(self, n: int) -> bool:
-        """A few rows whose (row, expert) pairs outnumber the experts twice over (a batched decode step of a
-        small MoE) reach nearly every expert anyway: then every expert on every row in two products beats a
-        Python loop of ~6 ops per expert. With 64 experts top-8 the extra products (E/k x the sparse work) cost
-        more than the loop, and the rule keeps those on the grouped path. Capped at DENSE_MAX_ROWS rows; float
-        stacked experts only (int8 experts have no batched kernel)."""
-        return (n <= DENSE_MAX_ROWS and n * self.top_k >= 2 * self.experts.num_experts
-                and isinstance(self.experts, Experts))
-
-    def _all_experts(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x (N, H) -> (N, H): all experts on all rows, the unchosen ones weighted by exactly 0, as two products:
-        gate_up of every expert at once, then down over the experts' weighted activations side by side."""
-        packed = not needs_autograd(x, self.experts.gate_up_proj)
-        n, (gate_up, down) = x.shape[0], self._dense_weights(packed)
-        h = self._dense_linear(x, gate_up).view(n, self.experts.num_experts, 2, -1)     # (N, E, 2, I)
-        act = F.silu(h[:, :, 0]) * h[:, :, 1]                                          # (N, E, I)
-        dense_w = torch.zeros(n, self.experts.num_experts, dtype=x.dtype, device=x.device).scatter_(1, idx, w)
-        return self._dense_linear((act * dense_w[:, :, None]).reshape(n, -1), down)    # (N, E*I) -> (N, H)
-
-    def _dense_weights(self, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up (E*2I, H), down (H, E*I)) for `_all_experts`. MKL repacks a weight on every small-M GEMM
-        call, which made an 8-row step of the embedded model's MoE cost 7x a 1-row one (4.9 vs 0.7 ms, one
-        thread; prepacked: 2.6 ms, the whole step 7.7 -> 5.3 ms). So at inference on x86 the pair is kept
-        prepacked for oneDNN (a copy of the experts, small MoEs only: `_dense_pays`), rebuilt when the experts
-        change (in-place training updates bump their version). `packed=False` (autograd: oneDNN's op has no
-        backward): plain views of the experts."""
+    def _grouped_kernel(self, xs: torch.Tensor) -> bool:
+        """Whether the sorted pairs can go through `F.grouped_mm` (one call per projection for all experts) instead
+        of a Python loop of ~4 ops per active expert. CPU inference on float stacked experts only: the CPU kernel has
+        no working backward (torch 2.13: "Invalid strides/sizes" on an empty group), int8 experts have no such
+        kernel, and on CUDA it wants bf16 on recent GPUs. Measured on one thread of an Intel Xeon (embedded model's
+        MoE, 8 experts top-2, H = I = 256): a layer on 8 rows 520 -> 394 us, on 64 rows 1062 -> 935 us."""
         ex = self.experts
-        gu, dn = ex.gate_up_proj, ex.down_proj
-        E, H, I = dn.shape
-        if not packed or _onednn_linear is None or gu.device.type != "cpu" \
-                or gu.dtype not in (torch.float32, torch.bfloat16):
-            return gu.reshape(E * 2 * I, H), dn.permute(1, 0, 2).reshape(H, E * I)
-        key = (gu.data_ptr(), gu._version, dn.data_ptr(), dn._version, gu.dtype)
-        if self._packed is None or self._packed[0] != key:
-            with torch.no_grad():
-                pack = torch.ops.mkldnn._reorder_linear_weight
-                self._packed = (key, pack(gu.reshape(E * 2 * I, H), None),
-                                pack(dn.permute(1, 0, 2).reshape(H, E * I).contiguous(), None))
-        return self._packed[1], self._packed[2]
+        return (_GROUPED_MM and xs.device.type == "cpu" and isinstance(ex, Experts)
+                and xs.dtype == ex.gate_up_proj.dtype and xs.dtype in (torch.float32, torch.bfloat16)
+                and not needs_autograd(xs, ex.gate_up_proj)
+                and all(d * xs.element_size() % 16 == 0 for d in ex.down_proj.shape[1:]))  # the kernel's stride rule
 
-    @staticmethod
-    def _dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return _onednn_linear(x, weight, None, "none", [], "") if weight.is_mkldnn else F.linear(x, weight)
+    def _run_grouped(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """xs (P, H) sorted by expert, ends (E,) int32 cumulative group ends -> (P, H), expert by expert."""
+        ex = self.experts
+        gate, up = F.grouped_mm(xs, ex.gate_up_proj.transpose(1, 2), offs=ends).chunk(2, dim=-1)  # (P, I) each
+        return F.grouped_mm(F.silu(gate) * up, ex.down_proj.transpose(1, 2), offs=ends)
 
     def _one_token(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (1, H), w (k,), idx (k,) -> (1, H). Ascending expert order, zeros + y0 + y1 ... like index_add_."""
