@@ -178,7 +178,19 @@ _TRAIN_MORE_4: dict[str, list[str]] = {
                    "Is the object in the video getting bigger?", "Does the shape in this clip become smaller?",
                    "Tell me how the shape changes."],
 }
-for _more in (_TRAIN_MORE, _TRAIN_MORE_3, _TRAIN_MORE_4):
+# A fifth round (train split only; same rules). Counting was right on every held-out image whose question it read
+# as a count, but one held-out phrasing ("what's the ... number of ...") got the refusal every time: no train count
+# question opened with "What's" or spoke of a total, while many refusal prompts open with "What's the ...". So: count
+# questions built on "number", "total" and "count" nouns, several opening with "What's".
+_TRAIN_MORE_5: dict[str, list[str]] = {
+    "count": ["What's the number of shapes?", "What's the count of figures in the picture?",
+              "How many objects are there in total?", "In total, how many shapes are there?",
+              "What's the shape total?", "Total number of figures?", "Tell me the count of items in the image.",
+              "What's the number of things in this image?", "How many items can you see in total?",
+              "What is the total count of shapes?", "Give me the number of objects.",
+              "What's the amount of shapes in the image?"],
+}
+for _more in (_TRAIN_MORE, _TRAIN_MORE_3, _TRAIN_MORE_4, _TRAIN_MORE_5):
     for _key, _extra in _more.items():
         TEMPLATES[_key]["train"] = TEMPLATES[_key]["train"] + _extra
 
@@ -241,7 +253,11 @@ REFUSAL_PROMPTS: dict[str, dict[str, list[str]]] = {
                 # round 4
                 "What dish is this?", "What fruit is this?", "Is this meal healthy?", "How many calories are in this?",
                 "Who drew this?", "What style of art is this?", "What is this dog's name?", "Is this cake tasty?",
-                "What tree is this?", "Which museum is this painting in?"],
+                "What tree is this?", "Which museum is this painting in?",
+                # round 5: "what <real thing> is in/on the <real place>?" (read as a question about the shapes)
+                "What drink is in the glass?", "What is she eating?", "What vegetable is on the table?",
+                "What is in the bowl?", "Which fruit is on the table?", "What meal is being served?",
+                "What toy is on the floor?", "What book is on the shelf?"],
                 ["What kind of bird is this?", "Which painter made this?", "What food is on the plate?"]),
     "audio": _p(["Who is the singer?", "What song is this?", "What instrument is playing?",
                 "What language is this?", "Who is speaking?", "What mood is this music?",
