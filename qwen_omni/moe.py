@@ -16,8 +16,11 @@ An optional shared expert with a sigmoid gate is added (the Qwen3-Omni talker).
 - float32: torch sends it to MKL's GEMM, which on AMD CPUs runs a slow generic path: on an AMD EPYC (AVX512) a
   151936x1024 lm_head row took 36 ms (17 GB/s, one thread's worth) and 8 rows 107 ms; oneDNN's
   `mkldnn::_linear_pointwise` on the same plain weight took 20 and 36 ms (1.0x-3x faster on every matrix of
-  >= 2^18 weights, 1-512 rows). Below that size its ~20 us call overhead loses to MKL (7 vs 27 us on 256x256),
-  so only big weights go there (`ONEDNN_MIN_WEIGHTS`), and only without autograd (it has no backward).
+  >= 2^18 weights, 1-512 rows). Below that size its ~20 us call overhead loses to MKL (7 vs 27 us on 256x256).
+  On an Intel Xeon, where MKL has no slow path, MKL still won at 2^18 (the embedded model's 1024x256 lm_head: 17
+  vs 27 us on 1 row, 41 vs 85 us on 8) and oneDNN from about 2^22 (4096x1024: 553 vs 594 us). So only weights of
+  at least 2^20 go there (`ONEDNN_MIN_WEIGHTS`; on AMD, matrices of 2^18-2^20 weights go back to MKL, a range
+  where the AMD gain was not measured apart), and only without autograd (it has no backward).
   bfloat16 `F.linear` already runs on oneDNN.
 - one bfloat16 row may run as `torch.mv`: on one AVX512-BF16 machine torch's GEMV kernel was 1.3-1.4x faster per
   weight than oneDNN (8.7 vs 6.5 G weights/s on the 0.6B's matrices); on an AMD EPYC it was 2-4x *slower*
@@ -36,7 +39,7 @@ from torch import nn
 
 
 _GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.9; see SparseMoE._grouped_kernel
-ONEDNN_MIN_WEIGHTS = 1 << 18  # float32 weights at least this big use oneDNN on x86 CPUs (see the module docstring)
+ONEDNN_MIN_WEIGHTS = 1 << 20  # float32 weights at least this big use oneDNN on x86 CPUs (see the module docstring)
 # x86 builds of torch ship oneDNN; elsewhere (ARM) it may be absent or built on another backend: keep F.linear.
 _ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))

@@ -231,8 +231,8 @@ def test_float32_big_weight_linear_uses_onednn_at_inference(monkeypatch):
     if real is not None:
         monkeypatch.setattr(moe, "_onednn_linear", lambda *args: calls.append(args[0].shape) or real(*args))
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(640, 512, generator=g)  # 327680 weights >= ONEDNN_MIN_WEIGHTS
-    b = torch.randn(640, generator=g)
+    w = torch.randn(2048, 512, generator=g)  # 2^20 weights >= ONEDNN_MIN_WEIGHTS
+    b = torch.randn(2048, generator=g)
     assert w.numel() >= moe.ONEDNN_MIN_WEIGHTS
     for x in (torch.randn(1, 512, generator=g), torch.randn(3, 1, 512, generator=g),
               torch.randn(8, 1024, generator=g)[:, ::2]):
