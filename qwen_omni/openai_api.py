@@ -149,7 +149,10 @@ def _b64(s: Any, pw: str, what: str) -> bytes:
     if not isinstance(s, str) or not s:
         raise bad(pw, f"{what} must be a non-empty base64 string")
     try:
-        data = base64.b64decode(re.sub(r"\s+", "", s), validate=True)
+        try:
+            data = base64.b64decode(s, validate=True)
+        except binascii.Error:  # line-wrapped base64 is allowed: drop the whitespace only then (a regex over the
+            data = base64.b64decode("".join(s.split()), validate=True)  # 3 MB of an image took 25 ms of a TTFT)
     except (binascii.Error, ValueError):
         raise bad(pw, f"invalid base64 in {what}", code="invalid_base64") from None
     if not data:

@@ -372,3 +372,24 @@ def test_stop_text_holds_back_partial_matches():
     s = StopText(["END"])
     assert s.push("abE") == "ab" and s.flush() == "E"  # a held-back tail is released at the end
     assert StopText([]).push("anything") == "anything"
+
+
+def test_base64_media_may_be_line_wrapped():
+    """Plain, line-wrapped (MIME-style, 76 a line) and padded-with-whitespace base64 give the same bytes; a bad
+    character is still a 400 that names the part."""
+    import base64
+
+    from qwen_omni.openai_api import APIError, MediaPolicy, parse_chat_request
+
+    raw = bytes(range(256)) * 20
+    enc = base64.b64encode(raw).decode()
+    wrapped = "\r\n".join(enc[i:i + 76] for i in range(0, len(enc), 76))
+
+    def part(data: str) -> dict:
+        return {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hi"}, {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}]}]}
+    for data in (enc, wrapped, f" {enc}\n"):
+        assert parse_chat_request(part(data), MediaPolicy()).messages[0]["content"][1]["audio"] == raw
+    with pytest.raises(APIError) as e:
+        parse_chat_request(part(enc[:-4] + "$AAA"), MediaPolicy())
+    assert e.value.status == 400 and "messages[0].content[1]" in str(e.value) and "base64" in str(e.value)
