@@ -7,7 +7,8 @@ per-expert tensors found on disk. Only the chosen experts run: token/expert pair
 active expert runs once on its group of tokens: at CPU inference one `F.grouped_mm` per projection over all the
 groups, otherwise (autograd, int8 experts, GPUs) a loop over active experts, never over tokens.
 A single token (the decode step) takes a short path: its k experts in ascending id order, with no argsort /
-bincount / gather / index_add, but the same products and additions, in the same order, as the grouped path.
+bincount / gather / index_add, but the same products and additions, in the same order, as the grouped loop
+(`F.grouped_mm` may block its products differently: equal to float rounding).
 Anything with `num_experts` and `run(e, x)` can stand in for `Experts` (e.g. `quant.Int8Experts`).
 An optional shared expert with a sigmoid gate is added (the Qwen3-Omni talker).
 `forward_reference` is the slow per-expert loop used by the tests as ground truth.
