@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.9; see SparseMoE._grouped_kernel
+_GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch only; see SparseMoE._grouped_kernel
 ONEDNN_MIN_WEIGHTS = 1 << 20  # float32 weights at least this big use oneDNN on x86 CPUs (see the module docstring)
 # x86 builds of torch ship oneDNN; elsewhere (ARM) it may be absent or built on another backend: keep F.linear.
 _ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
@@ -172,7 +172,8 @@ class SparseMoE(nn.Module):
         of a Python loop of ~4 ops per active expert. CPU inference on float stacked experts only: the CPU kernel has
         no working backward (torch 2.13: "Invalid strides/sizes" on an empty group), int8 experts have no such
         kernel, and on CUDA it wants bf16 on recent GPUs. Measured on one thread of an Intel Xeon (embedded model's
-        MoE, 8 experts top-2, H = I = 256): a layer on 8 rows 520 -> 394 us, on 64 rows 1062 -> 935 us."""
+        MoE, 8 experts top-2, H = I = 256; a busy machine, interleaved): a layer on 8 rows 520 -> 394 us (vs all
+        experts on every row), on 64 rows 1062 -> 935 us (vs the loop)."""
         ex = self.experts
         return (_GROUPED_MM and xs.device.type == "cpu" and isinstance(ex, Experts)
                 and xs.dtype == ex.gate_up_proj.dtype and xs.dtype in (torch.float32, torch.bfloat16)
