@@ -9,6 +9,11 @@ heads on each merged token (the vectors the decoder reads):
   shape  - which shape covers this 32x32 px token (or background)          8-way CE
   colour - the colour of the shape covering it (text tokens count as bg)  12-way CE
   char   - which character of a rendered number/word covers it            37-way CE (bg, 0-9, a-z)
+  read0..read2 - the characters whose glyph centres fall in this token,   37-way CE each
+           left to right (slot k = the k-th such glyph, bg when fewer): a 32 px token can hold up to three
+           small glyphs, and `char` names only the one covering most of it, so the others were never asked
+           for. With the slots every glyph is named exactly once, in reading order: what "what number is
+           written here?" needs from the tokens.
   centre - does an object's centre fall in this token (what counting needs)  2-way CE
   where  - the token's (row, col) in [0, 1] within the image              MSE (absolute place; what
            "top left" needs: the decoder's MRoPE only gives relative positions)
@@ -32,7 +37,9 @@ from . import synthetic_media as sm
 from .synthetic import number_text
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
-HEADS = {"shape": 1 + len(sm.SHAPES), "colour": 1 + len(sm.COLORS), "char": 1 + len(CHARS), "centre": 2}
+READ_SLOTS = 3  # glyphs per token that the reading heads name (18 px text: ~10 px glyphs in a 32 px token)
+HEADS = {"shape": 1 + len(sm.SHAPES), "colour": 1 + len(sm.COLORS), "char": 1 + len(CHARS), "centre": 2,
+         **{f"read{k}": 1 + len(CHARS) for k in range(READ_SLOTS)}}
 BG_WEIGHT = 0.3  # background tokens' share of each head's loss, next to 1.0 for the objects' tokens
 COVER = 0.08  # a token is labelled with an object once the object covers this share of its pixels
 
@@ -75,15 +82,15 @@ class VisionHeads(nn.Module):
 
 # ---------------------------------------------------------------- labelled images
 
-def _shape_scene(rng) -> tuple[Image.Image, np.ndarray, dict[str, list[int]], list[tuple[float, float]]]:
+def _shape_scene(rng) -> tuple[Image.Image, np.ndarray, dict[str, list[int]], list[tuple[float, float]], list]:
     """(image, per-pixel object index map (h, w) uint8 with 0 = background, class of each index per head,
-    object centres)."""
+    object centres, glyphs [(char class, cx, cy)] (none here))."""
     img, objs = sm.render_shapes(rng, int(rng.integers(1, 5)), unique=bool(rng.random() < 0.5))
     mask = object_mask(objs, img.size)
     classes = {"shape": [0] + [sm.SHAPES.index(o.shape) + 1 for o in objs],
                "colour": [0] + [sm.COLORS.index(o.color) + 1 for o in objs],
                "char": [0] * (len(objs) + 1)}
-    return img, mask, classes, [(o.cx, o.cy) for o in objs]
+    return img, mask, classes, [(o.cx, o.cy) for o in objs], []
 
 
 def object_mask(objs: list[sm.Obj], size: tuple[int, int]) -> np.ndarray:
@@ -95,7 +102,7 @@ def object_mask(objs: list[sm.Obj], size: tuple[int, int]) -> np.ndarray:
     return np.asarray(mask)
 
 
-def _text_scene(rng) -> tuple[Image.Image, np.ndarray, dict[str, list[int]], list]:
+def _text_scene(rng) -> tuple[Image.Image, np.ndarray, dict[str, list[int]], list, list]:
     text = number_text(rng) if rng.random() < 0.6 else sm.WORDS[rng.integers(len(sm.WORDS))]
     img, boxes = sm.render_text(rng, text, boxes=True)
     mask = Image.new("L", img.size, 0)
@@ -105,13 +112,15 @@ def _text_scene(rng) -> tuple[Image.Image, np.ndarray, dict[str, list[int]], lis
     # The text colour is not returned by render_text; the strokes' colour is learned on shapes only.
     classes = {"shape": [0] * (len(boxes) + 1), "colour": [0] * (len(boxes) + 1),
                "char": [0] + [CHARS.index(ch) + 1 for ch, _ in boxes]}
-    return img, np.asarray(mask), classes, []
+    glyphs = [(CHARS.index(ch) + 1, (x0 + x1) / 2, (y0 + y1) / 2) for ch, (x0, y0, x1, y1) in boxes]
+    return img, np.asarray(mask), classes, [], glyphs
 
 
 def token_labels(mask: np.ndarray, classes: dict[str, list[int]], centres, size: tuple[int, int],
-                 grid: tuple[int, int], unit: int) -> dict[str, torch.Tensor]:
+                 grid: tuple[int, int], unit: int, glyphs=()) -> dict[str, torch.Tensor]:
     """Per-token labels (gh*gw,) in the encoder's merged-token order (row-major) for an image of `size` (w, h)
-    whose resized version is a (gh, gw) grid of unit x unit px tokens."""
+    whose resized version is a (gh, gw) grid of unit x unit px tokens. `glyphs` [(char class, cx, cy)] in
+    reading order fill the read slots of the token holding each glyph's centre."""
     gh, gw = grid
     w, h = size
     ys = np.minimum((np.arange(gh * unit) + 0.5) * h / (gh * unit), h - 1).astype(int)
@@ -122,10 +131,22 @@ def token_labels(mask: np.ndarray, classes: dict[str, list[int]], centres, size:
     # The object covering most of the token, once it covers COVER of it; else background (0).
     obj = np.where(counts.max(1) >= COVER * unit * unit, counts.argmax(1) + 1, 0)
     out = {k: torch.as_tensor(np.asarray(v)[obj], dtype=torch.long) for k, v in classes.items()}
+    def token_at(cx: float, cy: float) -> int:
+        return min(gh - 1, int(cy / h * gh)) * gw + min(gw - 1, int(cx / w * gw))
+
     centre = np.zeros(gh * gw, np.int64)
     for cx, cy in centres:
-        centre[min(gh - 1, int(cy / h * gh)) * gw + min(gw - 1, int(cx / w * gw))] = 1
+        centre[token_at(cx, cy)] = 1
     out["centre"] = torch.as_tensor(centre)
+    read = np.zeros((READ_SLOTS, gh * gw), np.int64)
+    filled = np.zeros(gh * gw, np.int64)
+    for cls, cx, cy in glyphs:  # left to right, so slot k of a token is its k-th glyph in reading order
+        t = token_at(cx, cy)
+        if filled[t] < READ_SLOTS:  # a fourth glyph in one token is left unnamed (none in 300 scenes)
+            read[filled[t], t] = cls
+            filled[t] += 1
+    for k in range(READ_SLOTS):
+        out[f"read{k}"] = torch.as_tensor(read[k])
     rows, cols = np.meshgrid((np.arange(gh) + 0.5) / gh, (np.arange(gw) + 0.5) / gw, indexing="ij")
     out["where"] = torch.as_tensor(np.stack([rows.ravel(), cols.ravel()], 1), dtype=torch.float32)
     return out
@@ -137,7 +158,7 @@ def make_batch(rng: np.random.Generator, proc, n: int, augment_p: float = 0.3, t
     merge = proc.p.merge_size
     unit = proc.p.patch_size * merge
     for _ in range(n):
-        img, mask, classes, centres = (_text_scene if rng.random() < text_p else _shape_scene)(rng)
+        img, mask, classes, centres, glyphs = (_text_scene if rng.random() < text_p else _shape_scene)(rng)
         size = img.size
         if rng.random() < augment_p:  # labels follow the original geometry; the resize keeps the aspect
             img = sm.jpeg_resize(img, int(rng.integers(30, 90)), float(rng.uniform(0.7, 1.3)))
@@ -145,7 +166,7 @@ def make_batch(rng: np.random.Generator, proc, n: int, augment_p: float = 0.3, t
         pix.append(p)
         grids.append(g)
         labels.append(token_labels(mask, classes, centres, size, (int(g[0, 1]) // merge, int(g[0, 2]) // merge),
-                                   unit))
+                                   unit, glyphs))
     return {"pixel_values": torch.cat(pix), "image_grid_thw": torch.cat(grids),
             "labels": {k: torch.cat([x[k] for x in labels]) for k in labels[0]}}
 

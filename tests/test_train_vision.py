@@ -54,6 +54,20 @@ def test_labels_follow_the_encoders_token_order(micro):
     assert int(redness.argmax()) == tok and redness[tok] > 0.5
 
 
+def test_read_slots_name_every_glyph_once_in_reading_order():
+    """Glyph centres at x = 10, 20 (token column 0) and 40 (column 1) of token row 1: the first token reads "3" then
+    "5", the second "7"; nothing else is named, and `char` (coverage) is untouched by the slots."""
+    w, h = 192, 128  # a 4 x 6 grid of 32 px tokens
+    glyphs = [(V.CHARS.index(c) + 1, x, 40.0) for c, x in (("3", 10.0), ("5", 20.0), ("7", 40.0))]
+    lab = V.token_labels(np.zeros((h, w), np.uint8), {"shape": [0], "char": [0]}, [], (w, h), (4, 6), 32, glyphs)
+    first, second = 1 * 6 + 0, 1 * 6 + 1
+    read = lambda t: "".join(V.CHARS[int(lab[f"read{k}"][t]) - 1] for k in range(V.READ_SLOTS)  # noqa: E731
+                             if lab[f"read{k}"][t] > 0)
+    assert (read(first), read(second)) == ("35", "7")
+    named = sum(int((lab[f"read{k}"] > 0).sum()) for k in range(V.READ_SLOTS))
+    assert named == 3 and not lab["char"].any()
+
+
 def test_render_text_boxes():
     a = sm.render_text(np.random.default_rng(3), "357")
     b, boxes = sm.render_text(np.random.default_rng(3), "357", boxes=True)
@@ -72,6 +86,7 @@ def test_batch_labels_cover_every_token(micro):
     assert all(v.shape[0] == n_tok for v in b["labels"].values())
     assert b["pixel_values"].shape[0] == 4 * n_tok
     assert (b["labels"]["shape"] > 0).any() or (b["labels"]["char"] > 0).any()
+    assert set(b["labels"]) == set(V.HEADS) | {"where"}
 
 
 def test_heads_read_every_view_the_decoder_gets(micro):
