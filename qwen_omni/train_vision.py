@@ -131,6 +131,7 @@ def token_labels(mask: np.ndarray, classes: dict[str, list[int]], centres, size:
     # The object covering most of the token, once it covers COVER of it; else background (0).
     obj = np.where(counts.max(1) >= COVER * unit * unit, counts.argmax(1) + 1, 0)
     out = {k: torch.as_tensor(np.asarray(v)[obj], dtype=torch.long) for k, v in classes.items()}
+
     def token_at(cx: float, cy: float) -> int:
         return min(gh - 1, int(cy / h * gh)) * gw + min(gw - 1, int(cx / w * gw))
 
