@@ -125,6 +125,8 @@ def parse_args(argv=None):
     ap.add_argument("--lr-v", type=float, default=4e-3, help="stage (v) peak LR")
     ap.add_argument("--batch-v", type=int, default=32, help="stage (v) images per step")
     ap.add_argument("--v-share", type=float, default=0.12, help="share of --minutes for stage (v)")
+    ap.add_argument("--text-p-v", type=float, default=0.35,
+                    help="share of stage (v) images that show rendered text (the rest show shapes)")
     ap.add_argument("--steps-a", type=int, default=300, help="stage (a) steps (from scratch only)")
     ap.add_argument("--steps", type=int, default=2000, help="stage (b) / fine-tune steps")
     ap.add_argument("--batch", type=int, default=16)
@@ -296,6 +298,7 @@ def vision_stage(args, model, tok_dir, steps: int, peak: float, budget_s: float)
     log(args.run, f"stage v: {steps} steps, vision encoder with dense per-token heads, peak lr {peak}")
     with tqdm(total=steps, desc="stage v", disable=args.no_tqdm, dynamic_ncols=True) as bar:
         done = run_stage_v(model, tm.processor_for(model), steps, batch=args.batch_v, lr=peak, seed=args.seed,
+                           text_p=args.text_p_v,
                            budget_s=budget_s, log=lambda m: log(args.run, m), log_every=args.log_every * 5,
                            progress=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
     log(args.run, f"stage v: done after {done} steps")

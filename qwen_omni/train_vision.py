@@ -187,7 +187,8 @@ def decoder_views(feats: torch.Tensor, deepstack: list[torch.Tensor] | None) -> 
 
 
 def run_stage_v(model, proc, steps: int, *, batch: int = 32, lr: float = 1e-3, seed: int = 0,
-                budget_s: float = 0.0, log=lambda msg: None, log_every: int = 25, progress=None) -> int:
+                text_p: float = 0.35, budget_s: float = 0.0, log=lambda msg: None, log_every: int = 25,
+                progress=None) -> int:
     """Train `model.visual` (all of it, mergers included) with the dense heads for `steps` steps or `budget_s`
     seconds, whichever ends first; returns the steps done. AdamW, linear warmup, cosine decay to 10 %."""
     from .train import stage_lr
@@ -212,7 +213,7 @@ def run_stage_v(model, proc, steps: int, *, batch: int = 32, lr: float = 1e-3, s
                 break
         for g in opt.param_groups:
             g["lr"] = stage_lr(step, steps, warm, lr, frac)
-        b = make_batch(rng, proc, batch)
+        b = make_batch(rng, proc, batch, text_p=text_p)
         views = decoder_views(*model.visual(b["pixel_values"], b["image_grid_thw"]))
         losses = [heads.loss(v, b["labels"]) for v in views]
         loss, parts = sum(x[0] for x in losses) / len(views), losses[-1][1]
