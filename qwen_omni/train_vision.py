@@ -41,6 +41,7 @@ READ_SLOTS = 3  # glyphs per token that the reading heads name (18 px text: ~10 
 HEADS = {"shape": 1 + len(sm.SHAPES), "colour": 1 + len(sm.COLORS), "char": 1 + len(CHARS), "centre": 2,
          **{f"read{k}": 1 + len(CHARS) for k in range(READ_SLOTS)}}
 BG_WEIGHT = 0.3  # background tokens' share of each head's loss, next to 1.0 for the objects' tokens
+TEXT_P = 0.35  # share of images showing rendered text (the rest show shapes); --text-p-v
 COVER = 0.08  # a token is labelled with an object once the object covers this share of its pixels
 
 
@@ -153,7 +154,7 @@ def token_labels(mask: np.ndarray, classes: dict[str, list[int]], centres, size:
     return out
 
 
-def make_batch(rng: np.random.Generator, proc, n: int, augment_p: float = 0.3, text_p: float = 0.35) -> dict:
+def make_batch(rng: np.random.Generator, proc, n: int, augment_p: float = 0.3, text_p: float = TEXT_P) -> dict:
     """n labelled images -> {pixel_values, image_grid_thw, labels: {head: (tokens,)}}."""
     pix, grids, labels = [], [], []
     merge = proc.p.merge_size
@@ -187,7 +188,7 @@ def decoder_views(feats: torch.Tensor, deepstack: list[torch.Tensor] | None) -> 
 
 
 def run_stage_v(model, proc, steps: int, *, batch: int = 32, lr: float = 1e-3, seed: int = 0,
-                text_p: float = 0.35, budget_s: float = 0.0, log=lambda msg: None, log_every: int = 25,
+                text_p: float = TEXT_P, budget_s: float = 0.0, log=lambda msg: None, log_every: int = 25,
                 progress=None) -> int:
     """Train `model.visual` (all of it, mergers included) with the dense heads for `steps` steps or `budget_s`
     seconds, whichever ends first; returns the steps done. AdamW, linear warmup, cosine decay to 10 %."""
