@@ -51,6 +51,7 @@ from . import tiny_model as tm
 from .train_binding import BindingLoss, parse_heads
 from .train_data import STAGE_A_TASKS, STAGE_B_WEIGHTS, JsonlData, SyntheticStream, task_weights
 from .train_losses import RouterLogits, lm_loss
+from .train_vision import TEXT_P, run_stage_v
 
 PARAM_GROUPS = {
     "all": lambda n: True,
@@ -125,7 +126,7 @@ def parse_args(argv=None):
     ap.add_argument("--lr-v", type=float, default=4e-3, help="stage (v) peak LR")
     ap.add_argument("--batch-v", type=int, default=32, help="stage (v) images per step")
     ap.add_argument("--v-share", type=float, default=0.12, help="share of --minutes for stage (v)")
-    ap.add_argument("--text-p-v", type=float, default=0.35,
+    ap.add_argument("--text-p-v", type=float, default=TEXT_P,
                     help="share of stage (v) images that show rendered text (the rest show shapes)")
     ap.add_argument("--steps-a", type=int, default=300, help="stage (a) steps (from scratch only)")
     ap.add_argument("--steps", type=int, default=2000, help="stage (b) / fine-tune steps")
@@ -292,8 +293,6 @@ def stage_share(args, plan, stage: str) -> float:
 
 def vision_stage(args, model, tok_dir, steps: int, peak: float, budget_s: float) -> None:
     from tqdm import tqdm
-
-    from .train_vision import run_stage_v
 
     log(args.run, f"stage v: {steps} steps, vision encoder with dense per-token heads, peak lr {peak}")
     with tqdm(total=steps, desc="stage v", disable=args.no_tqdm, dynamic_ncols=True) as bar:
