@@ -58,7 +58,7 @@ def test_export_has_transformers_keys(ckpt, tmp_path):
     assert json.loads((d / "config.json").read_text())["model_type"] == "qwen3_omni_moe_thinker"
 
 
-def _hf_greedy(hf, inp, steps: int, stop: set[int]) -> list[int]:
+def _hf_greedy(hf, inp, steps: int, stop: set[int], use_audio_in_video: bool = False) -> list[int]:
     """Greedy decoding with transformers by re-running the whole sequence (positions from its get_rope_index)."""
     ids = inp["input_ids"]
     media = {k: inp[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
@@ -66,7 +66,8 @@ def _hf_greedy(hf, inp, steps: int, stop: set[int]) -> list[int]:
     out = []
     for _ in range(steps):
         with torch.no_grad():
-            logits = hf(input_ids=ids, attention_mask=torch.ones_like(ids), **media).logits
+            logits = hf(input_ids=ids, attention_mask=torch.ones_like(ids), use_audio_in_video=use_audio_in_video,
+                        **media).logits
         t = int(logits[0, -1].argmax())
         out.append(t)
         if t in stop:
@@ -299,6 +300,31 @@ def test_shipped_model_eval_slice(shipped):
     low = {t: res[t]["acc"] for t in SLICE_FLOORS
            if 100 * res[t]["acc"] < SHORT_OF_TARGET.get(t, SLICE_FLOORS[t]) - 1e-6}
     assert not low, f"below the floor: {low}\n{format_table(res)}"
+
+
+# One held-out prompt per multimodal task (image, audio, video, video with its sound, a two-turn image chat).
+PARITY_TASKS = ("colour", "shape", "count", "position", "number", "beep_count", "pitch", "spoken_word",
+                "video_direction", "video_beeps", "followup", "refusal")
+
+
+def test_shipped_model_matches_transformers(shipped):
+    """transformers' own class reads the shipped folder and greedily gives our answers on held-out prompts (the
+    inputs are our processor's tensors: transformers' video processor needs torchvision, which we do not install)."""
+    from qwen_omni.assistant import DEFAULT_MODEL
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    hf = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
+    multimodal = 0
+    for i, task in enumerate(PARITY_TASKS):
+        s = make_sample(task, 2_000_000 + i, "heldout")
+        inp = shipped.prepare(s.messages)
+        multimodal += any(k in inp for k in ("pixel_values", "pixel_values_videos", "input_features"))
+        ours = shipped.tokenizer.encode(shipped.chat(s.messages, max_new_tokens=12))
+        with_sound = any(p.get("use_audio_in_video") for m in s.messages if isinstance(m["content"], list)
+                         for p in m["content"])
+        theirs = _hf_greedy(hf, inp, 12, set(shipped.stop_ids), use_audio_in_video=with_sound)
+        assert shipped.tokenizer.decode(theirs, skip_special_tokens=True) == shipped.tokenizer.decode(ours), task
+    assert multimodal >= 10
 
 
 def test_shipped_model_answers_uploaded_files(shipped, tmp_path):
