@@ -250,7 +250,8 @@ def save_pretrained(model: nn.Module, tokenizer_dir: Path | None, out: Path, *, 
     cfg = getattr(model, "config_dict", None)
     if not cfg:
         raise ValueError("model has no config dict attached (build it with build_thinker)")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    # the dtype the tensors are stored in, as transformers writes it (from_pretrained's dtype="auto" reads it)
+    (out / "config.json").write_text(json.dumps({**cfg, "dtype": str(dtype).removeprefix("torch.")}, indent=2))
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_state_dict(model).items()}
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     if tok is not None:

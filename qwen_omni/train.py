@@ -112,6 +112,8 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=Path("runs/tiny"), help="run folder (checkpoints, log, tokenizer)")
     ap.add_argument("--out", type=Path, default=None, help="write the final model here (HF thinker format)")
+    ap.add_argument("--out-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the tensors written to --out (run/final stays float32 for further training)")
     ap.add_argument("--init", type=Path, default=None, help="fine-tune this checkpoint instead of training from scratch")
     ap.add_argument("--data", type=Path, default=None, help="folder of JSONL (media, question, answer) to fine-tune on")
     ap.add_argument("--train", default="all", choices=sorted(PARAM_GROUPS),
@@ -278,7 +280,7 @@ def train(args) -> Path | None:
     export(model, tok_dir, final)
     log(run, f"saved {final}")
     if args.out is not None:
-        export(model, tok_dir, args.out)
+        export(model, tok_dir, args.out, getattr(torch, args.out_dtype))
         log(run, f"saved {args.out}")
     return final
 
@@ -303,9 +305,9 @@ def vision_stage(args, model, tok_dir, steps: int, peak: float, budget_s: float)
     log(args.run, f"stage v: done after {done} steps")
 
 
-def export(model, tok_dir: Path, out: Path) -> None:
+def export(model, tok_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> None:
     model.eval()
-    tm.save_pretrained(model, tok_dir, out)
+    tm.save_pretrained(model, tok_dir, out, dtype=dtype)
 
 
 def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, state, t_start, done_stages,

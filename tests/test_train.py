@@ -58,6 +58,22 @@ def test_export_has_transformers_keys(ckpt, tmp_path):
     assert json.loads((d / "config.json").read_text())["model_type"] == "qwen3_omni_moe_thinker"
 
 
+def test_bfloat16_export_loads_as_float32(ckpt, tmp_path):
+    """--out-dtype bfloat16 halves the file; `qwen_omni.load` on CPU computes in float32 from the rounded values."""
+    from safetensors import safe_open
+
+    d, model = ckpt
+    tm.save_pretrained(model, d, tmp_path, dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((d / "config.json").read_text())["dtype"] == "float32"
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    half, full = tm.load_model(tmp_path), tm.load_model(d)
+    assert next(half.parameters()).dtype == torch.float32
+    for (name, a), b in zip(half.state_dict().items(), full.state_dict().values()):
+        assert torch.equal(a, b.to(torch.bfloat16).float()), name
+
+
 def _hf_greedy(hf, inp, steps: int, stop: set[int], use_audio_in_video: bool = False) -> list[int]:
     """Greedy decoding with transformers by re-running the whole sequence (positions from its get_rope_index)."""
     ids = inp["input_ids"]
