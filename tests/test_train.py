@@ -290,11 +290,11 @@ def test_finetune_projectors_on_jsonl(tmp_path, ckpt):
 SLICE_FLOORS = {"colour": 90, "shape": 90, "count": 80, "position": 80, "number": 80, "beep_count": 80,
                 "pitch": 90, "spoken_word": 80, "video_direction": 80, "video_beeps": 80, "followup": 80,
                 "refusal": 90}
-# The shipped checkpoint (model card: 82.2% overall on 50/task) meets the colour, shape, count, position, pitch,
-# spoken-word, video-beeps and follow-up targets; for the other tasks the floor is its slice result (10/task,
-# seed0 1_000_000) less 20 points, or the slice floor where that is lower (video direction: 86% on 50/task, its
-# slice reads 100%, so the slice floor stands). Raise them to SLICE_FLOORS as better checkpoints land.
-SHORT_OF_TARGET: dict[str, int] = {"number": 60, "beep_count": 70, "refusal": 60}
+# The shipped checkpoint (model card: 84.1% overall on 50/task) meets the colour, shape, count, position, pitch,
+# spoken-word, video-direction, video-beeps and follow-up targets; for number, beep count and refusal the floor is
+# its slice result (10/task, seed0 1_000_000: 70, 90, 80) less 20 points. Raise them to SLICE_FLOORS as better
+# checkpoints land.
+SHORT_OF_TARGET: dict[str, int] = {"number": 50, "beep_count": 70, "refusal": 60}
 
 
 @pytest.fixture(scope="module")
