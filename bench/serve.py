@@ -3,7 +3,7 @@
     python bench/serve.py                 # builds the benchmark model, starts `python -m qwen_omni serve` twice
     python bench/serve.py --model DIR     # any checkpoint for both parts
 
-Models: throughput runs on the embedded assets/tiny-omni when it exists. The second-turn test runs on a random
+Models: throughput runs on the embedded assets/tiny-omni when it exists (`--dense`: a random dense text model). The second-turn test runs on a random
 Qwen3-Omni thinker built by transformers (`--shape`: "embedded" is the embedded model's own shape, "wide" twice
 as wide and deep) with the usual 28*28*1280 px image budget: the embedded model's preprocessor caps images at
 192x192 px (36 tokens), which makes any prefill cheap and says nothing about reuse. Random weights do not change
@@ -90,6 +90,26 @@ def build_model(d: Path, shape: str) -> Path:
         "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 56 * 56,
         "max_pixels": 28 * 28 * 1280, "feature_size": 128, "sampling_rate": 16000,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    return d
+
+
+def build_dense(d: Path) -> Path:
+    """A random dense Qwen3 text model (8 layers of the Qwen3-0.6B width: hidden 1024, MLP 3072, 16/8 heads of
+    128; vocabulary 1024; 128M parameters): what batching gives when a step reads the same weights for every row."""
+    if (d / "config.json").is_file():
+        return d
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tests.tiny_tokenizer import save_tokenizer
+
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = Qwen3Config(vocab_size=1024, hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+                      tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(cfg).eval().save_pretrained(d)
+    save_tokenizer(d, 400)
     return d
 
 
@@ -191,6 +211,8 @@ def main() -> int:
     ap.add_argument("--conversations", type=int, default=4)
     ap.add_argument("--image", type=int, default=896,
                     help="image side in pixels for the second-turn test (896: 784 image tokens)")
+    ap.add_argument("--dense", action="store_true",
+                    help="throughput runs on a random dense 128M Qwen3 text model (build_dense) instead")
     ap.add_argument("--threads", type=int, default=1,
                     help="server torch threads; more than the idle cores makes every step wait (default 1)")
     ap.add_argument("--reuse-model", type=Path, default=None,
@@ -199,7 +221,8 @@ def main() -> int:
     args = ap.parse_args()
     built = Path(tempfile.gettempdir()) / f"qwen-omni-bench-{args.shape}"
     embedded = ROOT / "assets" / "tiny-omni"
-    model = args.model or (embedded if (embedded / "config.json").is_file() else build_model(built, args.shape))
+    model = args.model or (build_dense(built.with_name("qwen-omni-bench-dense")) if args.dense else
+                           embedded if (embedded / "config.json").is_file() else build_model(built, args.shape))
     reuse_model = args.reuse_model or args.model or build_model(built, args.shape)
     report: dict = {"model": str(model), "reuse_model": str(reuse_model)}
     server = Server(model, *(("--dtype", args.dtype) if args.dtype else ()), threads=args.threads)
