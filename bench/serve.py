@@ -3,11 +3,11 @@
     python bench/serve.py                 # builds the benchmark model, starts `python -m qwen_omni serve` twice
     python bench/serve.py --model DIR     # any checkpoint for both parts
 
-Models: throughput runs on the embedded assets/tiny-omni when it exists (`--dense`: a random dense text model). The second-turn test runs on a random
-Qwen3-Omni thinker built by transformers (`--shape`: "embedded" is the embedded model's own shape, "wide" twice
-as wide and deep) with the usual 28*28*1280 px image budget: the embedded model's preprocessor caps images at
-192x192 px (36 tokens), which makes any prefill cheap and says nothing about reuse. Random weights do not change
-the cost of a step.
+Models: throughput runs on the embedded assets/tiny-omni when it exists (`--dense`: a random dense text model).
+The second-turn test runs on a random Qwen3-Omni thinker built by transformers (`--shape`: "embedded" is the
+embedded model's own shape, "wide" twice as wide and deep) with the usual 28*28*1280 px image budget: the
+embedded model's preprocessor caps images at 192x192 px (36 tokens), which makes any prefill cheap and says
+nothing about reuse. Random weights do not change the cost of a step.
 
 1. Throughput: 1 streaming client, then 8 concurrent ones, each asking for exactly N tokens (`ignore_eos`).
    Total tokens/s = all tokens received / wall time; TTFT = request sent -> first SSE event (sent by our server
