@@ -3,6 +3,11 @@
 `Assistant.prepare(messages)` turns a chat (Qwen / transformers message format) into exactly what the model
 sees; `Assistant.chat(...)` generates the reply, as one string or as a stream of text pieces. Multi-turn
 conversations reuse the KV state of earlier turns through a `PrefixCache`, so only new tokens are prefilled.
+
+Generation runs under `torch.inference_mode` (here and in the batch scheduler), not `no_grad`: no view or version
+tracking per op, which made a CPU decode step of the embedded model 5-15% faster. Its tensors (the KV caches
+kept for the next turn, cached media features) are then inference tensors, so every path that writes into
+them runs in that mode too.
 """
 from __future__ import annotations
 
@@ -132,6 +137,7 @@ class Assistant:
         return ("".join(p for p in parts if isinstance(p, str)),
                 np.concatenate(audio) if audio else np.zeros(0, np.float32))
 
+    @torch.inference_mode()  # applied around each resume of the generator (module docstring)
     def _stream(self, messages, max_new_tokens, params, seed, stats, options, tap=None) -> Iterator[str]:
         """Text pieces of the reply. tap: a `speech_tap.ThinkerRecorder` that watches the thinker for the talker
         (it may refuse a reused prefix whose hidden states it lacks; it keeps its rows with the cached state)."""

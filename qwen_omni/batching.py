@@ -188,7 +188,7 @@ class BatchScheduler:
 
     # ---- scheduler thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        with torch.no_grad():
+        with torch.inference_mode():  # cheaper per op than no_grad (no view / version tracking)
             while True:
                 with self._cv:
                     while not self._closed and not self.waiting and not self.rows:
