@@ -213,6 +213,9 @@ def main() -> int:
                     help="image side in pixels for the second-turn test (896: 784 image tokens)")
     ap.add_argument("--dense", action="store_true",
                     help="throughput runs on a random dense 128M Qwen3 text model (build_dense) instead")
+    ap.add_argument("--quantize", choices=["int8"], default=None, help="server --quantize for the throughput runs")
+    ap.add_argument("--engine-process", action="store_true",
+                    help="throughput runs with `serve --engine-process` (the model in its own process)")
     ap.add_argument("--threads", type=int, default=1,
                     help="server torch threads; more than the idle cores makes every step wait (default 1)")
     ap.add_argument("--reuse-model", type=Path, default=None,
@@ -225,8 +228,11 @@ def main() -> int:
                            embedded if (embedded / "config.json").is_file() else build_model(built, args.shape))
     reuse_model = args.reuse_model or args.model or build_model(built, args.shape)
     report: dict = {"model": str(model), "reuse_model": str(reuse_model)}
-    server = Server(model, *(("--dtype", args.dtype) if args.dtype else ()), threads=args.threads)
+    extra = [*(("--dtype", args.dtype) if args.dtype else ()), *(("--quantize", args.quantize) if args.quantize
+             else ()), *(("--engine-process",) if args.engine_process else ())]
+    server = Server(model, *extra, threads=args.threads)
     report["dtype"] = args.dtype or "server default"
+    report["server_args"] = extra
     try:
         server.stream([{"role": "user", "content": "warm up"}], 4)
         one = throughput(server, 1, args.requests * 2, args.tokens)

@@ -271,6 +271,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--remote-api-key", default=os.environ.get("OPENAI_API_KEY"),
                    help="with --backend openai: the upstream's key (default: $OPENAI_API_KEY)")
     p.add_argument("--remote-model", default=None, help="with --backend openai: upstream model id (default: first)")
+    p.add_argument("--engine-process", action="store_true",
+                   help="run the model in a child process, so HTTP work and decode steps do not share a GIL "
+                        "(engine_process.py)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is best on a busy shared machine)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -300,6 +303,12 @@ def engine_loader(args) -> Callable[[], Any]:
 
         from .assistant import load
 
+        if args.engine_process:
+            from .engine_process import ProcessEngine
+
+            return ProcessEngine(args.model, dict(device=args.device, dtype=args.dtype, quantize=args.quantize),
+                                 (args.max_batch, args.max_queue, args.max_model_len, args.prefix_cache_size),
+                                 threads=args.threads, log_level=args.log_level)
         if args.threads:
             torch.set_num_threads(args.threads)
         assistant = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
