@@ -102,3 +102,24 @@ def wait_ready(url: str, timeout: float = 120.0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"{url} did not become ready")
+
+
+def ask(client, content, max_tokens=12, **kw):
+    """One greedy chat completion (openai client) of a single user message."""
+    return client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=max_tokens,
+                                          temperature=0, messages=[{"role": "user", "content": content}], **kw)
+
+
+def wait_idle(url: str, timeout: float = 10.0) -> dict:
+    """Poll /health until no request is active or waiting; returns that health report."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = httpx.get(url + "/health").json()
+        if h["active"] == 0 and h["waiting"] == 0:
+            return h
+        time.sleep(0.02)
+    raise AssertionError(f"slots still busy: {h}")

@@ -14,7 +14,7 @@ import pytest
 
 import qwen_omni
 
-from .serve_utils import data_url, omni_model_dir, png_bytes, wait_ready
+from .serve_utils import ask, data_url, omni_model_dir, png_bytes, wait_idle, wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +43,6 @@ def client(served):
     return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def ask(client, content, max_tokens=12, **kw):
-    return client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=max_tokens,
-                                          temperature=0, messages=[{"role": "user", "content": content}], **kw)
-
-
-def idle(url, timeout=10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        h = httpx.get(url + "/health").json()
-        if h["active"] == 0 and h["waiting"] == 0:
-            return h
-        time.sleep(0.02)
-    raise AssertionError(f"slots still busy: {h}")
-
-
 def test_answers_streaming_and_prefix_reuse_match_the_in_process_model(served, client, model_dir):
     ref = qwen_omni.load(model_dir, device="cpu")
     image = png_bytes(80, 64, seed=9)
@@ -75,7 +60,7 @@ def test_answers_streaming_and_prefix_reuse_match_the_in_process_model(served, c
     assert chunks[-1].usage.prompt_tokens == r1.usage.prompt_tokens
     # the second identical request reused the first one's KV state, kept in the model process
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
-    assert idle(served[0])["free_slots"] == 2
+    assert wait_idle(served[0])["free_slots"] == 2
 
 
 def test_errors_keep_their_status_codes(served, client):
@@ -103,7 +88,7 @@ def test_errors_keep_their_status_codes(served, client):
         s.close()
     waiter.join(60)
     assert queued["r"].choices[0].message.content
-    assert idle(served[0])["free_slots"] == 2
+    assert wait_idle(served[0])["free_slots"] == 2
 
 
 def test_a_dead_model_process_fails_requests_with_503(model_dir):

@@ -21,8 +21,8 @@ import pytest
 
 import qwen_omni
 
-from .serve_utils import ROOT, b64, data_url, mp4_bytes, omni_model_dir, png_bytes, start_local_server, \
-    wait_ready, wav_bytes
+from .serve_utils import ROOT, ask, b64, data_url, mp4_bytes, omni_model_dir, png_bytes, start_local_server, \
+    wait_idle, wait_ready, wav_bytes
 
 KEY = "test-secret"
 
@@ -62,21 +62,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def reference(model_dir):
     return qwen_omni.load(model_dir, device="cpu")
-
-
-def ask(client, content, max_tokens=12, **kw):
-    return client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=max_tokens,
-                                          temperature=0, messages=[{"role": "user", "content": content}], **kw)
-
-
-def wait_idle(url, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        h = httpx.get(url + "/health").json()
-        if h["active"] == 0 and h["waiting"] == 0:
-            return h
-        time.sleep(0.02)
-    raise AssertionError(f"slots still busy: {h}")
 
 
 # ------------------------------------------------------------------------------------------------ basics
