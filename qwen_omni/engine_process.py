@@ -32,6 +32,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import anyio
+
 from .batching import SchedulerClosedError
 from .engines import Job, Mailbox
 from .errors import QwenOmniError
@@ -97,13 +99,14 @@ class ProcessEngine:
         loop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = Mailbox(loop)
-        if self._dead:
-            raise SchedulerClosedError(self._dead)
         job = ProcessJob(loop, self.tokenizer, self, next(self._ids), self._mailbox)
-        with self._jobs_lock:
+        with self._jobs_lock:  # atomic with the reader's "child exited": no job is registered after it
+            if self._dead:
+                raise SchedulerClosedError(self._dead)
             self._jobs[job.jid] = job
         submit = dict(max_new_tokens=req.max_tokens, ignore_eos=req.ignore_eos, **req.sampling(self.defaults))
-        self._send(("start", job.jid, req.messages, req.use_audio_in_video, submit))
+        # a worker thread: pickling and writing megabytes of media would stall the event loop
+        await anyio.to_thread.run_sync(self._send, ("start", job.jid, req.messages, req.use_audio_in_video, submit))
         return job
 
     def load(self) -> dict:
@@ -139,8 +142,8 @@ class ProcessEngine:
                 if job is not None:
                     job.post(kind, value)
         self._proc.join(2)  # for its exit status
-        self._dead = f"the model process exited (status {self._proc.exitcode}); restart the server"
         with self._jobs_lock:
+            self._dead = f"the model process exited (status {self._proc.exitcode}); restart the server"
             jobs, self._jobs = list(self._jobs.values()), {}
         for job in jobs:
             job.post("error", SchedulerClosedError(self._dead))
