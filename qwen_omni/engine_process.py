@@ -35,7 +35,7 @@ from typing import Any
 import anyio
 
 from .batching import SchedulerClosedError
-from .engines import Job, Mailbox
+from .engines import Job, Mailbox, submit_args
 from .errors import QwenOmniError
 from .openai_api import ChatRequest
 from .tokenizer import StreamDecoder, Tokenizer
@@ -104,7 +104,7 @@ class ProcessEngine:
             if self._dead:
                 raise SchedulerClosedError(self._dead)
             self._jobs[job.jid] = job
-        submit = dict(max_new_tokens=req.max_tokens, ignore_eos=req.ignore_eos, **req.sampling(self.defaults))
+        submit = submit_args(req, self.defaults)
         # a worker thread: pickling and writing megabytes of media would stall the event loop
         await anyio.to_thread.run_sync(self._send, ("start", job.jid, req.messages, req.use_audio_in_video, submit))
         return job
@@ -207,10 +207,7 @@ def _child_main(conn, model: str, load_kwargs: dict, engine_args: tuple, threads
 
     def start(jid: int, messages: list, use_audio_in_video: bool | None, submit: dict) -> None:
         try:
-            opts = {}
-            if engine.assistant.processor is not None and use_audio_in_video is not None:
-                opts["use_audio_in_video"] = use_audio_in_video
-            inputs = engine.assistant.prepare(messages, **opts)
+            inputs = engine.prepare(messages, use_audio_in_video)
             n = inputs["input_ids"].shape[1]
             first, submitted, box = [True], threading.Event(), {}
 

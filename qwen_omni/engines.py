@@ -14,7 +14,6 @@ Design
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import threading
@@ -52,6 +51,11 @@ def api_error(e: BaseException, req: ChatRequest | None = None) -> APIError:
         return APIError(400, msg, param=msg.split(":")[0] if msg.startswith("messages[") else None)
     log.error("request failed", exc_info=e)
     return APIError(500, "internal server error (logged on the server)", "server_error")
+
+
+def submit_args(req: ChatRequest, defaults: dict) -> dict:
+    """`BatchScheduler.submit` keyword arguments of a request (sampling falls back to the model's defaults)."""
+    return dict(max_new_tokens=req.max_tokens, ignore_eos=req.ignore_eos, **req.sampling(defaults))
 
 
 class Mailbox:
@@ -180,15 +184,18 @@ class LocalEngine:
         loop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = Mailbox(loop)
-        opts = {}
-        if self.assistant.processor is not None and req.use_audio_in_video is not None:
-            opts["use_audio_in_video"] = req.use_audio_in_video
-        inputs = await anyio.to_thread.run_sync(functools.partial(self.assistant.prepare, req.messages, **opts))
+        inputs = await anyio.to_thread.run_sync(self.prepare, req.messages, req.use_audio_in_video)
         job = LocalJob(loop, self.assistant.tokenizer, self._mailbox)
-        job.gen = self.scheduler.submit(inputs, max_new_tokens=req.max_tokens, ignore_eos=req.ignore_eos,
-                                        sink=job.post, **req.sampling(self.defaults))
+        job.gen = self.scheduler.submit(inputs, sink=job.post, **submit_args(req, self.defaults))
         job.prompt_tokens = inputs["input_ids"].shape[1]
         return job
+
+    def prepare(self, messages: list[dict], use_audio_in_video: bool | None = None) -> dict:
+        """`Assistant.prepare` with the request's options (blocking: media decoding, the template)."""
+        opts = {}
+        if self.assistant.processor is not None and use_audio_in_video is not None:
+            opts["use_audio_in_video"] = use_audio_in_video
+        return self.assistant.prepare(messages, **opts)
 
     def load(self) -> dict:
         return self.scheduler.load()
