@@ -16,7 +16,7 @@ Design
   appends, and a sender thread ships whatever has accumulated, so a decode step over 8 rows is one write, not 8.
   Kinds are those of `BatchScheduler` ("token" id, "end" reason, "error" exception), plus "meta" (prompt and
   reused token counts) right before a request's first token. Each message also carries the scheduler's load, for
-  `/health`. Token ids are turned into text here (`LocalJob`'s `StreamDecoder`), next to the stop strings.
+  `/health`. Token ids are turned into text here (`ProcessJob` is a `LocalJob`), next to the stop strings.
 - Failures: an exception that cannot be pickled crosses as a `QwenOmniError` with its message; if the child dies,
   every open request fails with `SchedulerClosedError` (503) and so does every later one.
 - The pipe carries pickles between this module and the child it started, never data from disk or the network.
@@ -35,29 +35,25 @@ from typing import Any
 import anyio
 
 from .batching import SchedulerClosedError
-from .engines import Job, Mailbox, submit_args
+from .engines import Job, LocalJob, Mailbox, submit_args
 from .errors import QwenOmniError
 from .openai_api import ChatRequest
-from .tokenizer import StreamDecoder, Tokenizer
-
-log = logging.getLogger("qwen_omni.server")
+from .tokenizer import Tokenizer
 
 
-class ProcessJob(Job):
+class ProcessJob(LocalJob):
+    """A `LocalJob` (text from token ids, counts) whose generation runs in the child: its counts arrive as "meta"."""
+
     def __init__(self, loop, tokenizer, engine: "ProcessEngine", jid: int, mailbox: Mailbox):
-        super().__init__(loop, mailbox)
-        self.decoder, self.engine, self.jid = StreamDecoder(tokenizer), engine, jid
+        super().__init__(loop, tokenizer, mailbox)
+        self.engine, self.jid = engine, jid
         self._cancel_sent = False
 
     def _piece(self, kind: str, value: Any) -> str:
-        if kind == "meta":
+        if kind == "meta":  # sent before the first token or the end, so LocalJob never looks for `gen`
             self.prompt_tokens, self.cached_tokens = value["prompt_tokens"], value["reused_tokens"]
             return ""
-        self.completion_tokens += 1
-        return self.decoder.push(value)
-
-    def _flush(self) -> str:
-        return self.decoder.flush()
+        return super()._piece(kind, value)
 
     def cancel(self) -> None:
         # The server cancels every job once it is over, too: only a job the child still runs costs a message.
