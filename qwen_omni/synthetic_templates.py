@@ -190,7 +190,19 @@ _TRAIN_MORE_5: dict[str, list[str]] = {
               "What is the total count of shapes?", "Give me the number of objects.",
               "What's the amount of shapes in the image?"],
 }
-for _more in (_TRAIN_MORE, _TRAIN_MORE_3, _TRAIN_MORE_4, _TRAIN_MORE_5):
+# A sixth round (train split only; same rules). Users also call beeps "tones", but the only train questions with
+# that word asked for the pitch, and "how many tones ..." got the refusal or the pitch answer: so count questions
+# with other nouns for a beep. Out-of-world audio questions about who made or performed a piece were answered with
+# the clip's caption: so more prompts about performers, groups and recordings.
+_TRAIN_MORE_6: dict[str, list[str]] = {
+    "beep_count": ["How many tones do you hear?", "Count the tones.", "How many tones are in the audio?",
+                   "Number of tones?", "How many sounds do you hear?", "Count the sounds in the recording.",
+                   "How many pips are there?", "How many signals can you hear?", "What's the tone count?",
+                   "How many short sounds are in this clip?"],
+    "video_beeps": ["How many tones are in the video?", "Count the tones in the clip.",
+                    "How many sounds does the video make?"],
+}
+for _more in (_TRAIN_MORE, _TRAIN_MORE_3, _TRAIN_MORE_4, _TRAIN_MORE_5, _TRAIN_MORE_6):
     for _key, _extra in _more.items():
         TEMPLATES[_key]["train"] = TEMPLATES[_key]["train"] + _extra
 
@@ -268,6 +280,11 @@ REFUSAL_PROMPTS: dict[str, dict[str, list[str]]] = {
                 # round 4
                 "Which artist sang this?", "Who recorded this track?", "What band is playing?",
                 "Who wrote this song?", "What record label released this?", "Is this jazz or rock?",
-                "What are the lyrics?", "Who is the drummer?", "Which concert is this from?"],
+                "What are the lyrics?", "Who is the drummer?", "Which concert is this from?",
+                # round 6: who made or performed it (answered with the clip's caption)
+                "Which group performed this?", "Who is the musician here?", "What orchestra is this?",
+                "Which studio made this recording?", "Who produced this track?", "Which choir is singing?",
+                "What group made this song?", "Who is playing the guitar?", "Which label put out this record?",
+                "Who performed this piece?"],
                 ["Which band recorded this?", "What music genre is this?"]),
 }
