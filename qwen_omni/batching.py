@@ -4,15 +4,17 @@ Design
 - `BatchScheduler(assistant)` starts a daemon thread. Callers `submit()` prepared inputs (media decoding and the
   template run in the caller's thread, `Assistant.prepare`) and get a `Generation` handle that yields token ids;
   `chat()` is the `Assistant.chat`-shaped convenience on top (text pieces, `stats`).
-- Each loop iteration: drop cancelled requests (their slot is freed before the next step), admit newcomers
-  (each prefilled alone, batch 1, at most one per iteration while others are decoding, so a long prompt stalls
-  the batch for one prefill only), then ONE `decode_step` over all active rows of the `SlotPool`
-  (tokens (B,) -> logits (B, V); rows have their own lengths, and for a Thinker their own rope deltas).
+- Each loop iteration: drop cancelled requests (their slot is freed before the next step), admit newcomers,
+  then ONE `decode_step` over all active rows of the `SlotPool` (tokens (B,) -> logits (B, V); rows have their
+  own lengths, and for a Thinker their own rope deltas). Newcomers that arrived together are prefilled together
+  (`group_prefill`: one padded pass, the weights read once), as many as there are free rows while their prompts
+  add up to at most `prefill_tokens`; one such group per iteration while others are decoding, so a burst of long
+  prompts stalls the batch boundedly.
 - Prefix reuse is per request, before its prefill: the `PrefixCache` gives the batch-1 cache of the longest
   matching earlier conversation; only the new tokens are prefilled (media already in the cache are not encoded
   again). The scheduler installs a `SharedPrefixCache`, which copies a partial match (say, a shared system
-  prompt) instead of taking another conversation's state away. The batch-1 cache is copied into a pool row; at the end the generated positions are copied back and
-  the cache goes back to the `PrefixCache` for the next turn.
+  prompt) instead of taking another conversation's state away. The batch-1 cache is copied into a pool row; at
+  the end the generated positions are copied back and the cache goes back to the `PrefixCache` for the next turn.
 - Sampling is per row with the request's own `SamplingParams` and seeded `torch.Generator`, through the same
   `apply_repetition_penalty` / `sample` calls as `generate()`, so a greedy (or seeded) request gives the tokens
   `Assistant.chat` gives for the same prompt.
@@ -37,6 +39,7 @@ import torch
 from .assistant import copy_prefix
 from .errors import ContextOverflowError, QwenOmniError
 from .generate import make_generator
+from .group_prefill import prefill_prompts
 from .sampling import SamplingParams, apply_repetition_penalty, sample
 from .shared_prefix import SharedPrefixCache
 from .slot_pool import SlotPool
@@ -104,9 +107,10 @@ class Generation:
 
 
 class BatchScheduler:
-    def __init__(self, assistant, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None):
+    def __init__(self, assistant, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
+                 prefill_tokens: int = 1024):
         self.assistant, self.model = assistant, assistant.model
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.max_len = min(max_len or assistant.context_window, assistant.context_window)
         if not isinstance(assistant.prefix_cache, SharedPrefixCache):  # many conversations: share, do not steal
             assistant.prefix_cache = SharedPrefixCache(lambda n: self.model.new_cache(1, n),
@@ -115,6 +119,7 @@ class BatchScheduler:
         self.rows: list[Generation] = []  # rows[i] decodes in pool row i
         self.waiting: deque[Generation] = deque()
         self.steps = 0  # decode steps run (for tests and benchmarks)
+        self.prefill_groups = 0  # prefill passes run (a group of newcomers shares one)
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="qwen-omni-scheduler", daemon=True)
@@ -203,42 +208,76 @@ class BatchScheduler:
                         self._release(row, "cancelled")
                 admitted = 0
                 while self.pool.free and (admitted == 0 or not self.rows):
-                    with self._cv:
-                        g = self.waiting.popleft() if self.waiting else None
-                    if g is None:
+                    group = self._next_group()
+                    if not group:
                         break
-                    self._admit(g)
-                    admitted += 1
+                    self._admit(group)
+                    admitted += len(group)
                 if self.rows:
                     self._step()
         self._shutdown()
 
-    def _admit(self, g: Generation) -> None:
-        """Prefill one request alone (reusing a cached prefix), sample its first token, give it a row."""
-        a, inputs = self.assistant, g.inputs
-        ids = inputs["input_ids"]
-        n = ids.shape[1]
-        g.stats["queue_time"] = time.perf_counter() - g.stats["submitted"]
+    def _next_group(self) -> list[Generation]:
+        """The waiting requests to prefill together: as many as there are free rows, while their prompts add up
+        to at most `prefill_tokens` (the first is always taken), so one admission stalls the batch boundedly."""
+        group, tokens = [], 0
+        with self._cv:
+            while self.waiting and len(group) < self.pool.free:
+                n = self.waiting[0].inputs["input_ids"].shape[1]
+                if group and tokens + n > self.prefill_tokens:
+                    break
+                group.append(self.waiting.popleft())
+                tokens += n
+        return group
+
+    def _admit(self, group: list[Generation]) -> None:
+        """Prefill newcomers together (each reusing its cached prefix), sample their first tokens, give rows."""
+        ready, prompts = [], []
+        for g in group:  # embedding encodes the media and checks placeholders: a bad one fails alone
+            g.stats["queue_time"] = time.perf_counter() - g.stats["submitted"]
+            try:
+                prompts.append(self.model.prompt(g.inputs, self._take_cache(g)))
+                ready.append(g)
+            except Exception as e:  # noqa: BLE001 - reported to this request; the others carry on
+                self._fail_prefill(g, e)
+        if not ready:
+            return
         try:
-            key = inputs.get("cache_key") or ids[0].tolist()
-            cache, reused, _ = a.prefix_cache.take(key)
-            if cache is None or cache.max_len < n:
-                old, cache = cache, self.model.new_cache(1, n)
-                reused = copy_prefix(old, cache, reused) if old is not None else 0
-            g.cache, g.seen, g.stats["reused_tokens"] = cache, ids, reused
-            logits = self.model.prefill(inputs, cache, start=reused)  # (1, V)
-            g.stats["time_to_first_token"] = time.perf_counter() - g.stats["submitted"]
-            tok = self._sample(g, logits)
-            if tok not in g.stop_ids and g.budget > 1:  # it goes on: take the row before anyone sees the token
-                self.pool.insert(cache, n)
-                self.rows.append(g)
-            if self._take(g, tok):
-                g.next_token = tok
-        except Exception as e:  # noqa: BLE001 - reported to this request; the others carry on
-            if not isinstance(e, QwenOmniError):
-                log.exception("prefill failed")
-            g.cache = None  # the cache may be half-written: do not keep it
-            self._finish(g, None, error=e)
+            logits = prefill_prompts(self.model, prompts, [g.cache for g in ready])  # (k, V)
+        except Exception as e:  # noqa: BLE001 - a bug: fail this group, keep serving
+            for g in ready:
+                self._fail_prefill(g, e)
+            return
+        self.prefill_groups += 1
+        now = time.perf_counter()
+        for i, g in enumerate(ready):
+            g.stats["time_to_first_token"] = now - g.stats["submitted"]
+            try:
+                tok = self._sample(g, logits[i:i + 1])
+                if tok not in g.stop_ids and g.budget > 1:  # it goes on: take the row before anyone sees the token
+                    self.pool.insert(g.cache, g.inputs["input_ids"].shape[1])
+                    self.rows.append(g)
+                if self._take(g, tok):
+                    g.next_token = tok
+            except Exception as e:  # noqa: BLE001
+                self._fail_prefill(g, e)
+
+    def _take_cache(self, g: Generation) -> int:
+        """Give g a batch-1 cache holding the longest reusable prefix of its prompt; return that prefix's length."""
+        ids = g.inputs["input_ids"]
+        n = ids.shape[1]
+        cache, reused, _ = self.assistant.prefix_cache.take(g.inputs.get("cache_key") or ids[0].tolist())
+        if cache is None or cache.max_len < n:
+            old, cache = cache, self.model.new_cache(1, n)
+            reused = copy_prefix(old, cache, reused) if old is not None else 0
+        g.cache, g.seen, g.stats["reused_tokens"] = cache, ids, reused
+        return reused
+
+    def _fail_prefill(self, g: Generation, e: Exception) -> None:
+        if not isinstance(e, QwenOmniError):
+            log.exception("prefill failed")
+        g.cache = None  # the cache may be half-written: do not keep it
+        self._finish(g, None, error=e)
 
     def _step(self) -> None:
         """One decode step over all active rows."""

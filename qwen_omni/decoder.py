@@ -22,6 +22,7 @@ from torch import nn
 from encoders.common import RMSNorm as _RMSNorm
 
 from .config import TextConfig
+from .group_prefill import Prompt, prefill_prompts
 from .kv_cache import KVCache
 from .moe import MLP, Linear, SparseMoE
 from .rope import Rotary
@@ -184,11 +185,14 @@ class CausalLM(nn.Module):
         return KVCache(self.cfg.num_hidden_layers, batch, max_len, self.cfg.num_key_value_heads,
                        self.cfg.head_dim, p.dtype, p.device)
 
+    def prompt(self, inputs: dict, start: int = 0) -> Prompt:
+        """Prompt tokens [start:] embedded: one row of a prefill (positions: the cache's next slots)."""
+        emb = self.model.embed_tokens
+        return Prompt(emb(inputs["input_ids"][:, start:].to(emb.weight.device)))
+
     def prefill(self, inputs: dict, cache: KVCache, start: int = 0) -> torch.Tensor:
         """Run prompt tokens [start:] (the first `start` are already in `cache`); last logits (1, V)."""
-        ids = inputs["input_ids"][:, start:].to(self.model.embed_tokens.weight.device)
-        h = self.model(self.model.embed_tokens(ids), None, cache)
-        return self.lm_head(h[:, -1])
+        return prefill_prompts(self, [self.prompt(inputs, start)], [cache])
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens (B,) -> next logits (B, V)."""

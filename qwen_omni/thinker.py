@@ -23,6 +23,7 @@ from encoders.qwen25_vision import Qwen25VisionEncoder
 
 from .decoder import TextModel
 from .errors import InputError
+from .group_prefill import Prompt, prefill_prompts
 from .kv_cache import KVCache
 from .moe import Linear
 from .omni_config import ThinkerConfig
@@ -141,11 +142,13 @@ class Thinker(nn.Module):
         cache.rope_deltas = torch.zeros(batch, 1, dtype=torch.float32, device=p.device)
         return cache
 
-    def prefill(self, inputs: dict, cache: KVCache, start: int = 0) -> torch.Tensor:
+    def prompt(self, inputs: dict, start: int = 0) -> Prompt:
+        """Prompt tokens [start:] embedded (media encoded), with their positions: one row of a prefill."""
         h, deep, vmask = self.embed(inputs, start)
-        pos = inputs["position_ids"][:, :, start:].to(h.device)
-        cache.rope_deltas[:] = inputs["rope_deltas"].to(cache.rope_deltas)
-        return self.lm_head(self.model(h, pos, cache, deep, vmask)[:, -1])
+        return Prompt(h, inputs["position_ids"][:, :, start:].to(h.device), deep, vmask, inputs["rope_deltas"])
+
+    def prefill(self, inputs: dict, cache: KVCache, start: int = 0) -> torch.Tensor:
+        return prefill_prompts(self, [self.prompt(inputs, start)], [cache])
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens (B,) -> logits (B, V); text positions continue at cache length + rope delta on all axes."""

@@ -10,9 +10,12 @@ import threading
 import time
 
 import pytest
+import torch
 
 import qwen_omni
+from qwen_omni.assistant import copy_prefix
 from qwen_omni.batching import BatchScheduler, QueueFullError
+from qwen_omni.group_prefill import prefill_prompts
 
 from .serve_utils import omni_model_dir, png_bytes, wav_bytes
 from .tiny_text import make_checkpoint
@@ -176,5 +179,61 @@ def test_interleaved_conversations_keep_their_own_prefix(text_dir):
         sched.chat(a1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "hello"}],
                    max_new_tokens=6, stats=s_a2)
         assert s_a2["reused_tokens"] >= s_a1["prompt_tokens"], "b1 must not have consumed a1's state"
+    finally:
+        sched.close()
+
+
+def test_group_prefill_equals_prefilling_one_by_one(omni_dir):
+    """Prompts of different lengths and media, each after a different reused prefix, prefilled as one padded
+    group: the same last logits, cache contents and rope deltas as prefilling each alone."""
+    a = qwen_omni.load(omni_dir, device="cpu")
+    m = a.model
+    msgs = [[{"role": "user", "content": [{"type": "image", "image": png_bytes(64, 64)},
+                                          {"type": "text", "text": "describe the image."}]}],
+            [{"role": "user", "content": "how many beeps? three."}],
+            [{"role": "user", "content": [{"type": "audio", "audio": wav_bytes(1.0)},
+                                          {"type": "image", "image": png_bytes(96, 64, seed=1)},
+                                          {"type": "text", "text": "what do you hear and see?"}]}]]
+    inputs = [a.prepare(x) for x in msgs]
+    reused = [0, 7, 3]  # inside the system prompt: no media item is split
+    refs, caches, prompts = [], [], []
+    for x, r in zip(inputs, reused):
+        n = x["input_ids"].shape[1]
+        ref = m.new_cache(1, n)
+        refs.append((m.prefill(x, ref), ref))
+        c = m.new_cache(1, n + 3)
+        copy_prefix(ref, c, r)
+        caches.append(c)
+        prompts.append(m.prompt(x, r))
+    assert len({p.length for p in prompts}) == 3
+    logits = prefill_prompts(m, prompts, caches)
+    for i, ((ref_logits, ref), c, x) in enumerate(zip(refs, caches, inputs)):
+        n = x["input_ids"].shape[1]
+        torch.testing.assert_close(logits[i:i + 1], ref_logits, atol=1e-4, rtol=1e-4)
+        assert int(c.lengths[0]) == n
+        torch.testing.assert_close(c.rope_deltas, ref.rope_deltas)
+        for layer in range(len(c.k)):
+            torch.testing.assert_close(c.k[layer][:, :, :n], ref.k[layer][:, :, :n], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(c.v[layer][:, :, :n], ref.v[layer][:, :, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_newcomers_together_share_one_prefill_and_a_bad_one_fails_alone(omni_dir):
+    ref_model, model = qwen_omni.load(omni_dir, device="cpu"), qwen_omni.load(omni_dir, device="cpu")
+    msgs = [[{"role": "user", "content": [{"type": "image", "image": png_bytes(64, 64, seed=s)},
+                                          {"type": "text", "text": f"describe image {s}."}]}] for s in range(3)]
+    msgs.append([{"role": "user", "content": "the quick brown fox"}])
+    ref = [ref_model.chat(m, max_new_tokens=10) for m in msgs]
+    bad = dict(model.prepare(msgs[0]), pixel_values=None)  # image placeholders without the image
+    sched = BatchScheduler(model, max_batch=8)
+    try:
+        with sched._cv:  # hold the scheduler back until all five wait: one admission takes them all
+            gens = [sched.submit(model.prepare(m), max_new_tokens=10) for m in msgs]
+            broken = sched.submit(bad, max_new_tokens=10)
+        got = run_concurrently(lambda i: model.tokenizer.decode(list(gens[i])), len(msgs))
+        assert got == ref
+        with pytest.raises(qwen_omni.InputError, match="placeholders but no media"):
+            list(broken)
+        assert sched.prefill_groups == 1
+        assert sched.load() == {"active": 0, "waiting": 0, "free_slots": 8}
     finally:
         sched.close()
