@@ -9,7 +9,8 @@ groups, otherwise (autograd, int8 experts, GPUs) a loop over active experts, nev
 A single token (the decode step) takes a short path: its k experts in ascending id order, with no argsort /
 bincount / gather / index_add, but the same products and additions, in the same order, as the grouped loop
 (`F.grouped_mm` may block its products differently: equal to float rounding).
-Anything with `num_experts` and `run(e, x)` can stand in for `Experts` (e.g. `quant.Int8Experts`).
+Anything with `num_experts` and `run(e, x)` can stand in for `Experts` (e.g. `quant.Int8Experts`, which also has
+`run_groups(xs, sizes)` for the whole sorted batch).
 An optional shared expert with a sigmoid gate is added (the Qwen3-Omni talker).
 `forward_reference` is the slow per-expert loop used by the tests as ground truth.
 
@@ -159,6 +160,8 @@ class SparseMoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.experts.num_experts)  # (E,)
         if self._grouped_kernel(xs):
             ys = self._run_grouped(xs, counts.cumsum(0).to(torch.int32))
+        elif hasattr(self.experts, "run_groups"):  # int8 experts: their own loop (quant.Int8Experts.run_groups)
+            ys = self.experts.run_groups(xs, counts.tolist())
         else:  # a loop over the active experts; each group is a slice of xs, not a gather
             sizes = counts.tolist()
             ys = torch.cat([self.experts.run(e, xs[end - n:end])

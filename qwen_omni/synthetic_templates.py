@@ -285,6 +285,10 @@ REFUSAL_PROMPTS: dict[str, dict[str, list[str]]] = {
                 "Which group performed this?", "Who is the musician here?", "What orchestra is this?",
                 "Which studio made this recording?", "Who produced this track?", "Which choir is singing?",
                 "What group made this song?", "Who is playing the guitar?", "Which label put out this record?",
-                "Who performed this piece?"],
+                "Who performed this piece?",
+                # round 7: the band itself (round 6 left "Which band ..." answered with the clip's caption)
+                "Which band is this?", "Name the band.", "What is the name of this band?", "Who is the band?",
+                "Which singer recorded this?", "Which artist is this?", "Who are the performers?",
+                "What band made this track?"],
                 ["Which band recorded this?", "What music genre is this?"]),
 }

@@ -162,6 +162,18 @@ def test_int8_experts_paths_equal_reference(shape):
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-6)
 
 
+def test_int8_run_groups_is_run_per_group():
+    """The batched loop gives exactly what `run` gives group by group, empty groups and a dequantized one
+    (more than GEMM_ROWS rows) included."""
+    ex = make_moe(True).experts
+    q = Int8Experts(ex)
+    sizes = [2, 0, GEMM_ROWS + 3, 1] + [0] * (q.num_experts - 4)
+    xs = torch.randn(sum(sizes), 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = torch.cat([q.run(e, part) for e, part in enumerate(xs.split(sizes)) if len(part)])
+        assert torch.equal(q.run_groups(xs, sizes), want)
+
+
 # ------------------------------------------------------------------------------------------ int8 Omni thinker --
 def test_int8_thinker_through_load(tmp_path):
     """`load(quantize="int8")` on a Qwen3-Omni thinker: the decoder's linears and experts become int8, the encoders,
