@@ -63,6 +63,14 @@ def eval_samples(tasks, n: int, seed0: int, robust: bool):
             yield s, kinds
 
 
+def question_text(messages: list[dict]) -> str:
+    """The text of the last user turn (what a failure was asked), without its media parts."""
+    content = messages[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return " ".join(part["text"] for part in content if part.get("type") == "text")
+
+
 def evaluate(bot, tasks=TASKS, n: int = 50, seed0: int = 1_000_000, robust: bool = True, progress: bool = True,
              max_new_tokens: int = 64, failures: list | None = None) -> dict[str, dict]:
     """{task: {"acc", "n", "clean_acc", "robust_acc"}} plus "overall"."""
@@ -81,7 +89,8 @@ def evaluate(bot, tasks=TASKS, n: int = 50, seed0: int = 1_000_000, robust: bool
         slot[0] += ok
         slot[1] += 1
         if not ok and failures is not None:
-            failures.append({"task": s.task, "answer": s.answer, "reply": reply, "robust": kinds})
+            failures.append({"task": s.task, "question": question_text(s.messages), "answer": s.answer,
+                             "reply": reply, "robust": kinds})
     out = {}
     for t, r in res.items():
         out[t] = {"acc": r["ok"] / r["n"], "n": r["n"],
@@ -147,7 +156,7 @@ def main(argv=None) -> None:
     print(format_table(res, args.markdown))
     print(f"({time.time() - t0:.0f} s, {args.n} held-out samples per task, model {args.model})")
     for f in fails[:args.failures]:
-        print(f"  {f['task']}: expected {f['answer']!r}, got {f['reply']!r} {f['robust'] or ''}")
+        print(f"  {f['task']}: {f['question']!r} expected {f['answer']!r}, got {f['reply']!r} {f['robust'] or ''}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
 

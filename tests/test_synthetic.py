@@ -294,3 +294,15 @@ def test_easy_samples_for_the_curriculum():
     assert len(a) == len(b) == 5
     easy = [make_sample("count", 2, "train", easy=True), make_sample("count", 2, "train")]
     assert easy[0].answer == easy[1].answer  # tasks that need several objects are unchanged
+
+
+def test_eval_failure_shows_the_question():
+    """`python -m qwen_omni.eval --failures N` prints what was asked: the last user turn's text, media left out."""
+    from qwen_omni.eval import question_text
+
+    s = make_sample("position", 5, "heldout")
+    content = s.messages[-1]["content"]
+    texts = [part["text"] for part in content if part["type"] == "text"]
+    assert texts and len(texts) < len(content)  # an image part too
+    assert question_text(s.messages) == " ".join(texts)
+    assert question_text([{"role": "user", "content": "hi there"}]) == "hi there"
