@@ -202,7 +202,15 @@ _TRAIN_MORE_6: dict[str, list[str]] = {
     "video_beeps": ["How many tones are in the video?", "Count the tones in the clip.",
                     "How many sounds does the video make?"],
 }
-for _more in (_TRAIN_MORE, _TRAIN_MORE_3, _TRAIN_MORE_4, _TRAIN_MORE_5, _TRAIN_MORE_6):
+# An eighth round (train split only; same rules), not yet in the shipped checkpoint. Its position misses were held-out
+# questions answered with the refusal: "Whereabouts is the shape?" and "Which part of the picture contains the
+# shape" (no train position question used "whereabouts" or asked which part contains an object).
+_TRAIN_MORE_8: dict[str, list[str]] = {
+    "position": ["Whereabouts in the picture does {obj} sit?", "Whereabouts can {obj} be seen?",
+                 "Which region of the image contains {obj}?", "What area of the picture holds {obj}?",
+                 "Which part of the image shows {obj}?", "Where is {obj} found in the image?"],
+}
+for _more in (_TRAIN_MORE, _TRAIN_MORE_3, _TRAIN_MORE_4, _TRAIN_MORE_5, _TRAIN_MORE_6, _TRAIN_MORE_8):
     for _key, _extra in _more.items():
         TEMPLATES[_key]["train"] = TEMPLATES[_key]["train"] + _extra
 
