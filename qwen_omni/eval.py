@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .synthetic import TASKS, make_sample, normalize_answer
+from .synthetic import TASKS, make_sample, normalize_answer, text_parts
 
 # Issue targets (per cent); tasks not listed are reported without a target.
 TARGETS = {"colour": 95, "shape": 95, "count": 90, "position": 90, "number": 85, "beep_count": 90, "pitch": 95,
@@ -63,14 +63,6 @@ def eval_samples(tasks, n: int, seed0: int, robust: bool):
             yield s, kinds
 
 
-def question_text(messages: list[dict]) -> str:
-    """The text of the last user turn (what a failure was asked), without its media parts."""
-    content = messages[-1]["content"]
-    if isinstance(content, str):
-        return content
-    return " ".join(part["text"] for part in content if part.get("type") == "text")
-
-
 def evaluate(bot, tasks=TASKS, n: int = 50, seed0: int = 1_000_000, robust: bool = True, progress: bool = True,
              max_new_tokens: int = 64, failures: list | None = None) -> dict[str, dict]:
     """{task: {"acc", "n", "clean_acc", "robust_acc"}} plus "overall"."""
@@ -89,8 +81,9 @@ def evaluate(bot, tasks=TASKS, n: int = 50, seed0: int = 1_000_000, robust: bool
         slot[0] += ok
         slot[1] += 1
         if not ok and failures is not None:
-            failures.append({"task": s.task, "question": question_text(s.messages), "answer": s.answer,
-                             "reply": reply, "robust": kinds})
+            question = " ".join(text_parts(s.messages[-1]["content"]))
+            failures.append({"task": s.task, "question": question, "answer": s.answer, "reply": reply,
+                             "robust": kinds})
     out = {}
     for t, r in res.items():
         out[t] = {"acc": r["ok"] / r["n"], "n": r["n"],

@@ -69,15 +69,14 @@ SIZES = {
 def corpus_texts(n_per_task: int = 150, seed0: int = 7_000_000) -> list[str]:
     """Train-split text of the synthetic world: every user text part and every answer of n_per_task samples
     per task (seeds disjoint from training's and eval's), plus the system prompt."""
-    from .synthetic import TASKS, make_sample
+    from .synthetic import TASKS, make_sample, text_parts
 
     texts = [SYSTEM_PROMPT]
     for task in TASKS:
         for i in range(n_per_task):
             s = make_sample(task, seed0 + i, "train")
             for m in s.messages:
-                c = m["content"]
-                texts.extend([c] if isinstance(c, str) else [p["text"] for p in c if p.get("type") == "text"])
+                texts.extend(text_parts(m["content"]))
             texts.append(s.answer)
     return texts
 

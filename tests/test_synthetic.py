@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from qwen_omni import synthetic_audio as sa
 from qwen_omni import synthetic_media as sm
-from qwen_omni.synthetic import TASKS, Sample, iter_samples, make_sample, normalize_answer
+from qwen_omni.synthetic import TASKS, Sample, iter_samples, make_sample, normalize_answer, text_parts
 from qwen_omni.synthetic_templates import CHITCHAT, REFUSAL_PROMPTS, TEMPLATES, TRAIN_PREFIXES, TRAIN_SUFFIXES
 
 needs_espeak = pytest.mark.skipif(sa.ESPEAK is None,
@@ -296,13 +296,11 @@ def test_easy_samples_for_the_curriculum():
     assert easy[0].answer == easy[1].answer  # tasks that need several objects are unchanged
 
 
-def test_eval_failure_shows_the_question():
-    """`python -m qwen_omni.eval --failures N` prints what was asked: the last user turn's text, media left out."""
-    from qwen_omni.eval import question_text
-
+def test_text_parts_leave_media_out():
+    """What `python -m qwen_omni.eval --failures N` prints as the question: the last user turn's text, no media."""
     s = make_sample("position", 5, "heldout")
     content = s.messages[-1]["content"]
     texts = [part["text"] for part in content if part["type"] == "text"]
     assert texts and len(texts) < len(content)  # an image part too
-    assert question_text(s.messages) == " ".join(texts)
-    assert question_text([{"role": "user", "content": "hi there"}]) == "hi there"
+    assert text_parts(content) == texts
+    assert text_parts("hi there") == ["hi there"]
