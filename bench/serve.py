@@ -7,7 +7,7 @@ Models: throughput runs on the embedded assets/tiny-omni when it exists (`--dens
 model of a released width, see DENSE).
 The second-turn test runs on a random Qwen3-Omni thinker built by transformers (`--shape`: "embedded" is the
 embedded model's own shape, "wide" twice as wide and deep) with the usual 28*28*1280 px image budget: the
-embedded model's preprocessor caps images at 192x192 px (36 tokens), which makes any prefill cheap and says
+embedded model's preprocessor sizes images to 224x224 px (49 tokens), which makes any prefill cheap and says
 nothing about reuse. Random weights do not change the cost of a step.
 
 1. Throughput: 1 streaming client, then 8 concurrent ones, each asking for exactly N tokens (`ignore_eos`).
@@ -257,7 +257,7 @@ def main() -> int:
                     help="server torch threads; more than the idle cores makes every step wait (default 1)")
     ap.add_argument("--reuse-model", type=Path, default=None,
                     help="model for the second-turn test (default: --model if given, else a built --shape model: "
-                         "the embedded model caps images at 192x192 px = 36 tokens, too few to weigh in a prefill)")
+                         "the embedded model sizes images to 224x224 px = 49 tokens, too few to weigh in a prefill)")
     ap.add_argument("--no-reuse", action="store_true", help="throughput only: skip the second-turn test")
     args = ap.parse_args()
     built = Path(tempfile.gettempdir()) / f"qwen-omni-bench-{args.shape}"

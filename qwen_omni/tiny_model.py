@@ -45,10 +45,13 @@ CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-# Sizes. Images of the synthetic world are 128-224 px; max_pixels 192*192 keeps them at <= 36 merged tokens
-# (a 32x32 px cell each). Video frames are 96-128 px at 2 fps; 96*96 gives 9 tokens per 2-frame step.
+# Sizes. Images of the synthetic world are 128-224 px; every image is resized to about 224*224 px (min = max
+# pixels): 49 merged tokens of 32x32 px each. Small images are scaled up, not kept small: an 18 px digit in a
+# 128 px image becomes 31 px, so a token holds fewer glyphs (at a 192*192 cap with no upscaling the shipped
+# model read 74% of held-out numbers; the same weights at 224*224 read 79%, and after training there 86%).
+# Video frames are 96-128 px at 2 fps; 96*96 gives 9 tokens per 2-frame step.
 PATCH, MERGE, TEMPORAL = 16, 2, 2
-IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 64 * 64, 192 * 192
+IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 224 * 224, 224 * 224
 VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 32 * 32, 96 * 96
 VIDEO_FPS = 2.0
 

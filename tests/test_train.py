@@ -290,10 +290,10 @@ def test_finetune_projectors_on_jsonl(tmp_path, ckpt):
 SLICE_FLOORS = {"colour": 90, "shape": 90, "count": 80, "position": 80, "number": 80, "beep_count": 80,
                 "pitch": 90, "spoken_word": 80, "video_direction": 80, "video_beeps": 80, "followup": 80,
                 "refusal": 90}
-# The shipped checkpoint (model card: 87.5% overall on 50/task) meets every target but the rendered number's; for
-# number the floor is its slice result (10/task, seed0 1_000_000: 80) less 20 points, since 80 is also the slice floor
-# and one flipped greedy answer would fail it. Raise it to SLICE_FLOORS when a better checkpoint lands.
-SHORT_OF_TARGET: dict[str, int] = {"number": 60}
+# The shipped checkpoint (model card: 90.2% overall on 200/task) meets every target, so no task has a lowered floor;
+# a checkpoint short of a target would list it here as {task: its slice result less a margin}, to guard against
+# regressions without hiding the gap. Its slice (10/task, seed0 1_000_000): number 80, every other task 100.
+SHORT_OF_TARGET: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,10 @@ def micro():
 
 
 def test_labels_follow_the_encoders_token_order(micro):
-    """A red square in the second token row, third column of a 4x6-token image: only that token (and no other)
+    """A red square in the second token row, third column of a 7x7-token image: only that token (and no other)
     is labelled red/square/centre, and the patch rows of that token are the red ones."""
     _, proc = micro
-    w, h = 192, 128  # stays 192x128 after smart_resize: a 4 x 6 grid of 32 px tokens
+    w, h = 224, 224  # the tiny model's pixel budget exactly, so smart_resize keeps it: 7 x 7 tokens of 32 px
     img = Image.new("RGB", (w, h), (230, 230, 230))
     box = (2 * 32 + 4, 1 * 32 + 4, 3 * 32 - 4, 2 * 32 - 4)
     ImageDraw.Draw(img).rectangle(box, fill=sm.PALETTE["red"])
@@ -40,14 +40,14 @@ def test_labels_follow_the_encoders_token_order(micro):
                "char": [0, 0]}
     pix, grid = proc.image(img)
     gh, gw = int(grid[0, 1]) // 2, int(grid[0, 2]) // 2
-    assert (gh, gw) == (4, 6)
+    assert (gh, gw) == (7, 7)
     lab = V.token_labels(np.asarray(mask), classes, [((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)], (w, h),
                          (gh, gw), 32)
     tok = 1 * gw + 2
     for k in ("shape", "colour", "centre"):
         assert lab[k].nonzero().flatten().tolist() == [tok], k
     assert lab["colour"][tok] == sm.COLORS.index("red") + 1
-    assert torch.allclose(lab["where"][tok], torch.tensor([1.5 / 4, 2.5 / 6]))
+    assert torch.allclose(lab["where"][tok], torch.tensor([1.5 / 7, 2.5 / 7]))
     # Patch rows come in merge blocks of 4: token i's pixels are rows 4i..4i+3. Red = high R, low G (normalised).
     rows = pix.view(gh * gw, 4, 3, -1)  # (token, patch in block, channel, tp*P*P)
     redness = (rows[:, :, 0] - rows[:, :, 1]).mean((1, 2))
