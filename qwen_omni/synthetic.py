@@ -44,7 +44,6 @@ class Sample:
     # count). The trainer uses them to supervise where the decoder looks (`qwen_omni.train_binding`).
 
 
-
 def text_parts(content: str | list[dict]) -> list[str]:
     """A message's text, media parts left out: a string content as is, else its "text" parts in order."""
     return [content] if isinstance(content, str) else [p["text"] for p in content if p.get("type") == "text"]
