@@ -202,9 +202,9 @@ _TRAIN_MORE_6: dict[str, list[str]] = {
     "video_beeps": ["How many tones are in the video?", "Count the tones in the clip.",
                     "How many sounds does the video make?"],
 }
-# An eighth round (train split only; same rules), not yet in the shipped checkpoint. Its position misses were held-out
-# questions answered with the refusal: "Whereabouts is the shape?" and "Which part of the picture contains the
-# shape" (no train position question used "whereabouts" or asked which part contains an object).
+# An eighth round (train split only; same rules), first trained in the runs at 224x224 px. The checkpoint before them
+# answered held-out position questions with the refusal: "Whereabouts is the shape?" and "Which part of the picture
+# contains the shape" (no train position question used "whereabouts" or asked which part contains an object).
 _TRAIN_MORE_8: dict[str, list[str]] = {
     "position": ["Whereabouts in the picture does {obj} sit?", "Whereabouts can {obj} be seen?",
                  "Which region of the image contains {obj}?", "What area of the picture holds {obj}?",
