@@ -130,9 +130,14 @@ class Thinker(nn.Module):
 
     def forward(self, inputs: dict, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """Logits (1, S - start, V) of prompt tokens [start:]; positions from inputs["position_ids"]."""
+        return self.lm_head(self.hidden(inputs, cache, start))
+
+    def hidden(self, inputs: dict, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """The decoder's final (normed) states (B, S - start, H), before lm_head: the trainer applies the head to
+        the labelled positions only."""
         h, deep, vmask = self.embed(inputs, start)
         pos = inputs["position_ids"][:, :, start:].to(h.device)
-        return self.lm_head(self.model(h, pos, cache, deep, vmask))
+        return self.model(h, pos, cache, deep, vmask)
 
     # ---- the runner interface used by Assistant / generate -------------------------------------------------
     def new_cache(self, batch: int, max_len: int) -> KVCache:

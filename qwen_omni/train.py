@@ -36,6 +36,7 @@ Checkpoints (model + optimizer + step + RNG) every --ckpt-every steps to RUN/ckp
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -62,6 +63,20 @@ PARAM_GROUPS = {
     # After stage (v): keep the vision tower's dense features; its mergers (the projectors) still train.
     "no-vision-tower": lambda n: not n.startswith(("visual.blocks.", "visual.patch_embed.", "visual.pos_embed")),
 }
+
+
+def tune_malloc() -> None:
+    """Keep freed activation buffers in the process instead of returning them to the kernel: a training step frees and
+    re-allocates the same multi-MB tensors, and on a fresh page each costs a page fault per 4 KB (measured: a stage-(b)
+    step 0.52 -> 0.46 s on 2 cores). Same as MALLOC_MMAP_THRESHOLD_=32M MALLOC_TRIM_THRESHOLD_=2G
+    MALLOC_TOP_PAD_=256M; a no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: big buffers from the heap, not fresh mmaps
+    libc.mallopt(-1, 1 << 31)   # M_TRIM_THRESHOLD: do not hand the heap's top back after each step
+    libc.mallopt(-2, 256 << 20)  # M_TOP_PAD: grow the heap in large steps
 
 
 # ---------------------------------------------------------------- schedule
@@ -230,6 +245,7 @@ def stage_plan(args) -> list[tuple[str, int, str, float]]:
 
 def train(args) -> Path | None:
     torch.set_num_threads(args.threads)
+    tune_malloc()
     run = args.run
     run.mkdir(parents=True, exist_ok=True)
     random.seed(args.seed)
@@ -357,8 +373,8 @@ def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, st
             if hasattr(data, "easy_p"):
                 data.easy_p = easy_share(args.easy, stage, frac)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                logits = model(batch)
-            loss, n_tok = lm_loss(logits, batch["labels"])
+                hidden = model.hidden(batch)
+            loss, n_tok = lm_loss(model.lm_head, hidden, batch["labels"])
             aux = router.aux_loss()
             bind = binder.loss(batch)
             total = loss + args.aux_coef * aux + args.bind_coef * bind
