@@ -121,7 +121,7 @@ def assistant_for(model, tok_dir: Path):
     from .tokenizer import Tokenizer
 
     return Assistant(model, Tokenizer.from_dir(tok_dir), Path(tok_dir), "qwen3_omni_moe_thinker",
-                     processor_for(model))
+                     processor_for(model.cfg, tok_dir))
 
 
 def main(argv=None) -> None:

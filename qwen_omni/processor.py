@@ -72,8 +72,13 @@ class ProcessorConfig:
 
     @classmethod
     def from_dir(cls, path: Path, cfg: ThinkerConfig) -> "ProcessorConfig":
-        pre = _read_json(path / "preprocessor_config.json")
-        vid = _read_json(path / "video_preprocessor_config.json") or pre
+        return cls.from_dicts(_read_json(path / "preprocessor_config.json"),
+                              _read_json(path / "video_preprocessor_config.json"), cfg)
+
+    @classmethod
+    def from_dicts(cls, pre: dict, vid: dict, cfg: ThinkerConfig) -> "ProcessorConfig":
+        """From the two files' contents; an empty `vid` means the image settings serve video too."""
+        vid = vid or pre
         v = cfg.vision
         factor = v.patch_size * v.spatial_merge_size
 

@@ -28,6 +28,9 @@ from .omni_config import ThinkerConfig
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>"]
 TOKEN_IDS = {t: i for i, t in enumerate(SPECIAL_TOKENS)}  # fixed low ids
+# what a checkpoint's tokenizer may consist of (ours: the first two; a real Qwen checkpoint: some of the rest too)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "vocab.json", "merges.txt", "special_tokens_map.json")
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 # ChatML with Qwen3-Omni's media tokens (the placeholder-equivalent subset of the published template, the same
@@ -244,7 +247,8 @@ def save_pretrained(model: nn.Module, tokenizer_dir: Path | None, out: Path, *, 
                     dtype: torch.dtype = torch.float32) -> Path:
     """Write the checkpoint directory: config.json, model.safetensors, tokenizer files, processor configs,
     generation_config.json. The tokenizer comes from `tok` (a tokenizers.Tokenizer) or is copied from
-    `tokenizer_dir`."""
+    `tokenizer_dir` (the run's tokenizer, or the checkpoint a fine-tune started from), as are that folder's processor
+    and generation configs where it has them."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -258,13 +262,22 @@ def save_pretrained(model: nn.Module, tokenizer_dir: Path | None, out: Path, *, 
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     if tok is not None:
         save_tokenizer(tok, out)
-    elif tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            (out / f).write_bytes((Path(tokenizer_dir) / f).read_bytes())
+    src = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    same = src is not None and src.resolve() == out.resolve()
+    if src is not None and tok is None and not same:
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                (out / name).write_bytes((src / name).read_bytes())
     pre, vid = processor_configs()
-    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-    (out / "video_preprocessor_config.json").write_text(json.dumps(vid, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(generation_config(), indent=2))
+    # A fine-tuned checkpoint keeps its source's processor and generation settings (a real Qwen3-Omni thinker's
+    # image sizes are not the tiny model's); from scratch, the tiny model's own are written.
+    for name, default in (("preprocessor_config.json", pre), ("video_preprocessor_config.json", vid),
+                          ("generation_config.json", generation_config())):
+        if src is not None and (src / name).is_file():
+            if not same:
+                (out / name).write_bytes((src / name).read_bytes())
+        else:
+            (out / name).write_text(json.dumps(default, indent=2))
     return out
 
 
@@ -287,17 +300,14 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
     return model
 
 
-def processor_for(model) -> "object":
+def processor_for(cfg: ThinkerConfig, src: Path | None = None) -> "object":
+    """The media processor for training and the in-training eval: `src`'s preprocessor configs when it has them
+    (fine-tuning a checkpoint keeps its image sizes and normalisation), the tiny model's own else (from scratch)."""
     from .processor import Processor, ProcessorConfig
 
-    pre, vid = processor_configs()
-    c = model.cfg
-    p = ProcessorConfig(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
-                        min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS, video_min_pixels=VIDEO_MIN_PIXELS,
-                        video_max_pixels=VIDEO_MAX_PIXELS, fps=VIDEO_FPS, min_frames=vid["min_frames"],
-                        max_frames=vid["max_frames"], image_mean=tuple(pre["image_mean"]),
-                        image_std=tuple(pre["image_std"]), n_mels=128, pad_audio_to_30s=not c.is_qwen3)
-    return Processor(c, p)
+    if src is not None and (Path(src) / "preprocessor_config.json").is_file():
+        return Processor(cfg, ProcessorConfig.from_dir(Path(src), cfg))
+    return Processor(cfg, ProcessorConfig.from_dicts(*processor_configs(), cfg))
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -314,8 +314,8 @@ def vision_stage(args, model, tok_dir, steps: int, peak: float, budget_s: float)
 
     log(args.run, f"stage v: {steps} steps, vision encoder with dense per-token heads, peak lr {peak}")
     with tqdm(total=steps, desc="stage v", disable=args.no_tqdm, dynamic_ncols=True) as bar:
-        done = run_stage_v(model, tm.processor_for(model), steps, batch=args.batch_v, lr=peak, seed=args.seed,
-                           text_p=args.text_p_v,
+        done = run_stage_v(model, tm.processor_for(model.cfg, tok_dir), steps, batch=args.batch_v, lr=peak,
+                           seed=args.seed, text_p=args.text_p_v,
                            budget_s=budget_s, log=lambda m: log(args.run, m), log_every=args.log_every * 5,
                            progress=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
     log(args.run, f"stage v: done after {done} steps")

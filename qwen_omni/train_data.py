@@ -148,7 +148,7 @@ class SyntheticStream(torch.utils.data.IterableDataset):
         if info is not None:  # a worker process; inline (workers=0) this is the trainer's own process
             torch.set_num_threads(1)
         tok = Tokenizer.from_dir(self.tok_dir)
-        proc = _processor(ThinkerConfig.parse(self.model_cfg))
+        proc = tm.processor_for(ThinkerConfig.parse(self.model_cfg), self.tok_dir)
         tasks = list(self.weights)
         stream = iter_samples(self.seed * 1000 + wid, "train", tasks, [self.weights[t] for t in tasks],
                               easy_p=lambda: self.easy_p)
@@ -182,7 +182,7 @@ class JsonlData(torch.utils.data.IterableDataset):
         if torch.utils.data.get_worker_info() is not None:
             torch.set_num_threads(1)
         tok = Tokenizer.from_dir(self.tok_dir)
-        proc = _processor(ThinkerConfig.parse(self.model_cfg))
+        proc = tm.processor_for(ThinkerConfig.parse(self.model_cfg), self.tok_dir)
         rng = random.Random(self.seed)
         while True:
             order = list(range(len(self.examples)))
@@ -216,9 +216,3 @@ def load_jsonl_folder(folder: Path) -> list[tuple[list[dict], str]]:
                 raise SystemExit(f"{f}:{n}: bad example ({e}); expected question, answer and optional "
                                  f"image/audio/video paths") from None
     return out
-
-
-def _processor(cfg):
-    """Our serving Processor with the tiny model's preprocessor settings."""
-    model = type("M", (), {"cfg": cfg})()
-    return tm.processor_for(model)

@@ -125,7 +125,7 @@ def test_batched_steps_reduce_loss(ckpt):
     from qwen_omni.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tok_dir)
-    proc = tm.processor_for(model)
+    proc = tm.processor_for(model.cfg)
     items = [D.encode(proc, tok, s.messages, s.answer) for s in (make_sample(t, 11) for t in TASKS_MIX)]
     batch = D.collate(items)
     assert batch["input_ids"].shape[0] == 4 and "input_features" in batch and "pixel_values_videos" in batch
@@ -256,8 +256,19 @@ def _small_corpus():
         a for _, a in CHITCHAT.values()]
 
 
-def test_finetune_projectors_on_jsonl(tmp_path, ckpt):
-    d, _ = ckpt
+def test_finetune_projectors_on_jsonl(tmp_path, ckpt, monkeypatch):
+    """Only the projectors change; the fine-tune reads images as its source checkpoint's preprocessor config says
+    (not the tiny model's defaults) and the export keeps that config."""
+    import shutil
+
+    d = tmp_path / "base"
+    shutil.copytree(ckpt[0], d)
+    pre = json.loads((d / "preprocessor_config.json").read_text())
+    pre.update(min_pixels=128 * 128, max_pixels=128 * 128, size={"shortest_edge": 128 * 128, "longest_edge": 128 * 128})
+    (d / "preprocessor_config.json").write_text(json.dumps(pre))
+    built = []
+    real = tm.processor_for
+    monkeypatch.setattr(tm, "processor_for", lambda cfg, src=None: built.append(p := real(cfg, src)) or p)
     data = tmp_path / "data"
     data.mkdir()
     lines = []
@@ -280,6 +291,8 @@ def test_finetune_projectors_on_jsonl(tmp_path, ckpt):
     base, tuned = tm.load_model(d).state_dict(), tm.load_model(out).state_dict()
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed and all(k.startswith(("visual.merger", "audio_tower.proj")) for k in changed), sorted(changed)[:5]
+    assert built and {p.p.max_pixels for p in built} == {128 * 128}
+    assert json.loads((out / "preprocessor_config.json").read_text()) == pre
 
 
 # ---------------------------------------------------------------- the shipped model (assets/tiny-omni)

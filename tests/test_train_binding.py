@@ -31,7 +31,7 @@ def micro(tmp_path_factory):
     tok = tm.train_tokenizer(tm.corpus_texts(n_per_task=4), vocab_size=400)
     model = tm.new_model(tok.get_vocab_size(), "micro", seed=0)
     tm.save_pretrained(model, None, d, tok=tok)
-    return model, Tokenizer.from_dir(d), tm.processor_for(model)
+    return model, Tokenizer.from_dir(d), tm.processor_for(model.cfg)
 
 
 def _turns(s):

@@ -23,7 +23,7 @@ from qwen_omni import train_vision as V
 @pytest.fixture(scope="module")
 def micro():
     model = tm.new_model(400, "micro", seed=0)
-    return model, tm.processor_for(model)
+    return model, tm.processor_for(model.cfg)
 
 
 def test_labels_follow_the_encoders_token_order(micro):
