@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.common import ACTIVATIONS, RMSNorm, rotate_half, varlen_attention, vision_rotary_cos_sin
+from encoders.common import ACTIVATIONS, PatchEmbed, RMSNorm, rotate_half, varlen_attention, vision_rotary_cos_sin
 
 @dataclass
 class Qwen25VisionConfig:
@@ -128,20 +128,6 @@ class VisionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class PatchEmbed(nn.Module):
-    """(N, C*T*P*P) flattened patches -> (N, hidden) via Conv3d with kernel == stride, no bias."""
-
-    def __init__(self, cfg: Qwen25VisionConfig):
-        super().__init__()
-        self.patch_shape = (cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        kernel = self.patch_shape[1:]
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=kernel, stride=kernel, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.proj.weight.dtype).view(-1, *self.patch_shape)
-        return self.proj(x).view(x.shape[0], -1)
-
-
 class PatchMerger(nn.Module):
     """RMSNorm per patch, then each merge unit (merge^2 consecutive rows) -> one token via a 2-layer MLP."""
 
@@ -162,7 +148,8 @@ class Qwen25VisionEncoder(nn.Module):
     def __init__(self, cfg: Qwen25VisionConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg)
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.hidden_size,
+                                      bias=False)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
         self.window_units = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size  # merge units per side

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import ACTIVATIONS, rotate_half, varlen_attention, vision_position_ids, vision_rotary_cos_sin
+from .common import (ACTIVATIONS, PatchEmbed, rotate_half, varlen_attention, vision_position_ids,
+                     vision_rotary_cos_sin)
 
 @dataclass
 class Qwen3VisionConfig:
@@ -123,19 +124,6 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class _PatchEmbed(nn.Module):
-    def __init__(self, cfg: Qwen3VisionConfig):
-        super().__init__()
-        self.cfg = cfg
-        kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=kernel, stride=kernel)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
-        x = pixel_values.view(-1, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
-        return self.proj(x.to(self.proj.weight.dtype)).view(-1, c.hidden_size)  # (N, hidden)
-
-
 class Qwen3VisionEncoder(nn.Module):
     def __init__(self, cfg: Qwen3VisionConfig):
         super().__init__()
@@ -145,7 +133,8 @@ class Qwen3VisionEncoder(nn.Module):
         self.side = int(round(cfg.num_position_embeddings ** 0.5))
         if self.side * self.side != cfg.num_position_embeddings:
             raise ValueError(f"num_position_embeddings {cfg.num_position_embeddings} is not a square")
-        self.patch_embed = _PatchEmbed(cfg)
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size,
+                                      cfg.hidden_size, bias=True)
         self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.depth))
         self.merger = _PatchMerger(cfg, post_shuffle=False)
