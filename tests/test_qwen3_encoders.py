@@ -154,3 +154,32 @@ def test_vision_rejects_bad_shapes(vision_pair):
         ours(torch.randn(47, 1536), torch.tensor([[1, 6, 8]]))
     with pytest.raises(ValueError):
         ours(torch.randn(9, 1536), torch.tensor([[1, 3, 3]]))
+
+
+def test_varlen_attention_is_block_diagonal_attention():
+    """Runs of equal-length blocks, an empty block and a lone block == one SDPA with a block-diagonal mask."""
+    from encoders.common import varlen_attention
+
+    g = torch.Generator().manual_seed(0)
+    lens = [3, 3, 5, 0, 2, 2, 2, 4]
+    cu = torch.tensor([0] + np.cumsum(lens).tolist())
+    n = int(cu[-1])
+    q, k, v = (torch.randn(n, 2, 8, generator=g) for _ in range(3))
+    block = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    mask = block[:, None] == block[None, :]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+    torch.testing.assert_close(varlen_attention(q, k, v, cu), ref, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not cover"):
+        varlen_attention(q, k, v, cu[:-1])
+
+
+def test_patch_embed_matmul_equals_its_convolution():
+    """In float32 the patch embedding runs as a matmul; it must equal the Conv3d the checkpoints describe."""
+    from encoders.common import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(3, 2, 4, 16, bias=True)
+    x = torch.randn(10, 3 * 2 * 4 * 4)
+    conv = pe.proj(x.view(-1, 3, 2, 4, 4)).view(10, -1)
+    torch.testing.assert_close(pe(x), conv, atol=1e-5, rtol=1e-5)
