@@ -44,7 +44,7 @@ BG_WEIGHT = 0.3  # background tokens' share of each head's loss, next to 1.0 for
 TEXT_P = 0.35  # share of images showing rendered text (the rest show shapes); --text-p-v
 COVER = 0.08  # a token is labelled with an object once the object covers this share of its pixels
 # Weight of the `where` regression next to the CE heads. It is the easiest label (the position table alone
-# gives it) and at 10x it crowded the others out: from scratch, 400 steps at lr 1e-3 told shape on 28 % of the
+# gives it) and at 10x it crowded the others out: from scratch, 400 steps at lr 1e-3 told shape on 31 % of the
 # tokens at weight 10 and 43 % at weight 1 (held-out batches, last decoder view).
 WHERE_WEIGHT = 1.0
 
