@@ -257,17 +257,14 @@ def test_same_command_same_run(tmp_path, monkeypatch):
     weights, measured); another seed is another run. So "retraining with the documented command" replays it."""
     monkeypatch.setattr(tm, "corpus_texts", lambda *a, **k: _small_corpus())
     extra = ("--steps-v", "2", "--batch-v", "2", "--augment", "0.5", "--train", "no-vision-tower")
-    runs = {name: T.train(_args(tmp_path / name, *extra, "--seed", str(seed))).parent
-            for name, seed in (("one", 7), ("two", 7), ("other", 8))}
+    finals = {name: T.train(_args(tmp_path / name, *extra, "--seed", str(seed)))
+              for name, seed in (("one", 7), ("two", 7), ("other", 8))}
 
-    def losses(run):
-        return re.findall(r"step \d+/\d+ loss [\d.]+", (run / "log.txt").read_text())
+    def losses(name):
+        return re.findall(r"step \d+/\d+ loss [\d.]+", (tmp_path / name / "log.txt").read_text())
 
-    def weights(run):
-        return tm.load_model(run / "final").state_dict()
-
-    assert losses(runs["one"]) == losses(runs["two"]) != losses(runs["other"])
-    one, two, other = (weights(runs[n]) for n in ("one", "two", "other"))
+    assert losses("one") == losses("two") != losses("other")
+    one, two, other = (tm.load_model(finals[n]).state_dict() for n in ("one", "two", "other"))
     assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-6) for k in one)
     assert any(not torch.allclose(one[k], other[k], rtol=0, atol=1e-3) for k in one)
 
