@@ -265,7 +265,9 @@ def test_same_command_same_run(tmp_path, monkeypatch):
 
     assert losses("one") == losses("two") != losses("other")
     one, two, other = (tm.load_model(finals[n]).state_dict() for n in ("one", "two", "other"))
-    assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-6) for k in one)
+    # Float-rounding drift over the 8 steps: up to 1.3e-6 measured after the whole suite had run in the process
+    # (1.9e-7 without the tests before it); another seed starts from other weights, N(0, 0.02) apart.
+    assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-5) for k in one)
     assert any(not torch.allclose(one[k], other[k], rtol=0, atol=1e-3) for k in one)
 
 
