@@ -27,17 +27,22 @@ class PrefixCache:
         At least one prompt token is always left to prefill (its logits start generation).
         """
         with self._lock:
-            best, best_len = None, 0
-            for key, (cached_ids, _, _) in self._entries.items():
-                n = common_prefix(cached_ids, ids)
-                if n > best_len:
-                    best, best_len = key, n
+            best, best_len = self._best_match(ids)
             if best is None:
                 return None, 0, None
             _, cache, extra = self._entries.pop(best)
         best_len = min(best_len, len(ids) - 1)
         cache.truncate(best_len)
         return cache, best_len, extra
+
+    def _best_match(self, ids: list[int]) -> tuple[int | None, int]:
+        """(key, shared length) of the entry sharing the longest prefix with ids, or (None, 0); hold the lock."""
+        best, best_len = None, 0
+        for key, (cached_ids, _, _) in self._entries.items():
+            n = common_prefix(cached_ids, ids)
+            if n > best_len:
+                best, best_len = key, n
+        return best, best_len
 
     def put(self, ids: list[int], cache: KVCache, extra: object = None) -> None:
         with self._lock:

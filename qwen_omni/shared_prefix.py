@@ -13,7 +13,7 @@ from typing import Callable
 
 from .assistant import copy_prefix
 from .kv_cache import KVCache
-from .prefix_cache import PrefixCache, common_prefix
+from .prefix_cache import PrefixCache
 
 
 class SharedPrefixCache(PrefixCache):
@@ -24,11 +24,7 @@ class SharedPrefixCache(PrefixCache):
 
     def take(self, ids: list[int]) -> tuple[KVCache | None, int, object]:
         with self._lock:
-            best, best_len = None, 0
-            for key, (cached_ids, _, _) in self._entries.items():
-                n = common_prefix(cached_ids, ids)
-                if n > best_len:
-                    best, best_len = key, n
+            best, best_len = self._best_match(ids)
             n = min(best_len, len(ids) - 1)  # at least one prompt token is left to prefill
             if best is None or n <= 0:
                 return None, 0, None

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from qwen_omni.synthetic_media import COLORS, SHAPES, SR, _audio_chunks, _decode_audio
+from qwen_omni.synthetic_media import COLORS, SHAPES, SR, _decode_audio, _mux_audio
 
 ESPEAK = shutil.which("espeak-ng")
 DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -181,11 +181,7 @@ def encode_audio(audio: np.ndarray, codec: str = "mp3", bitrate: int = 32000) ->
         st.bit_rate = bitrate
         if name in ("vorbis", "opus"):
             st.codec_context.options = {"strict": "experimental"}
-        frame = av.AudioFrame.from_ndarray(np.asarray(audio, np.float32)[None, :], format="flt", layout="mono")
-        frame.sample_rate = SR
-        for chunk in _audio_chunks(frame, st):
-            out.mux(st.encode(chunk))
-        out.mux(st.encode())
+        _mux_audio(out, st, audio)
     return buf.getvalue()
 
 

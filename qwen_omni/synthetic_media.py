@@ -306,11 +306,7 @@ def encode_mp4(video: dict, crf: int = 28) -> bytes:
             out.mux(vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
         out.mux(vs.encode())
         if as_ is not None:
-            af = av.AudioFrame.from_ndarray(np.asarray(audio, np.float32)[None, :], format="flt", layout="mono")
-            af.sample_rate = SR
-            for chunk in _audio_chunks(af, as_):
-                out.mux(as_.encode(chunk))
-            out.mux(as_.encode())
+            _mux_audio(out, as_, audio)
     return buf.getvalue()
 
 
@@ -328,15 +324,19 @@ def mp4_roundtrip(video: dict, crf: int = 28) -> dict:
     return {"frames": np.stack(dec_frames)[:len(video["frames"])], "fps": float(video["fps"]), "audio": dec_audio}
 
 
-def _audio_chunks(frame, stream):
-    """Encoders with a fixed frame size (AAC, Opus, Vorbis) need that many samples per frame."""
+def _mux_audio(container, stream, audio: np.ndarray) -> None:
+    """Encode 16 kHz mono float32 `audio` into `stream` of `container`, flushing the encoder at the end.
+    Encoders with a fixed frame size (AAC, Opus, Vorbis) need that many samples per frame: a resampler cuts them."""
     import av
+    frame = av.AudioFrame.from_ndarray(np.asarray(audio, np.float32)[None, :], format="flt", layout="mono")
+    frame.sample_rate = SR
     resampler = av.AudioResampler(format=stream.format.name, layout="mono", rate=stream.rate,
                                   frame_size=stream.frame_size or None)
     pts = 0
     for chunk in resampler.resample(frame) + resampler.resample(None):
         chunk.pts, pts = pts, pts + chunk.samples  # explicit pts so encoders report their priming delay
-        yield chunk
+        container.mux(stream.encode(chunk))
+    container.mux(stream.encode())
 
 
 def _decode_audio(container, n: int) -> np.ndarray:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 
-import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,7 +24,7 @@ from encoders.media import MediaError
 from qwen_omni.errors import ContextOverflowError, InputError, QwenOmniError
 from qwen_omni.processor import Budgets
 
-from .test_media import _mux_audio, encode_video, sine, write_wav
+from .test_media import encode_video, write_frameless_video, write_wav
 from .tiny_omni import make_thinker
 
 TYPED = (MediaError, QwenOmniError)
@@ -62,12 +61,7 @@ def files(tmp_path_factory):
     write_wav(d / "six.wav", 22050, 1.0, 2, channels=6)
     write_wav(d / "three_s.wav", 16000, 3.0, 2)
     encode_video(d / "silent.mp4", "mp4", "libx264", 50, fps=25)
-    with av.open(str(d / "zero_frames.mkv"), "w", format="matroska") as c:  # a video track without frames
-        v = c.add_stream("mpeg4", rate=25)
-        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-        a = c.add_stream("flac", rate=48000)
-        a.layout = "mono"
-        _mux_audio(c, a, sine(48000, 0.5)[None], 48000)
+    write_frameless_video(d / "zero_frames.mkv")  # a video track without frames
     return d
 
 

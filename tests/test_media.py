@@ -2,7 +2,6 @@
 user-facing MediaError messages for broken input."""
 from __future__ import annotations
 
-import io
 import wave
 
 import av
@@ -92,6 +91,16 @@ def encode_video(path, fmt: str, codec: str, n_frames: int, fps: int = 25, audio
             _mux_audio(c, a, sine(48000, n_frames / fps)[None], 48000)
 
 
+def write_frameless_video(path) -> None:
+    """A Matroska file whose video track holds no frame, beside 0.5 s of sound."""
+    with av.open(str(path), "w", format="matroska") as c:
+        v = c.add_stream("mpeg4", rate=25)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        a = c.add_stream("flac", rate=48000)
+        a.layout = "mono"
+        _mux_audio(c, a, sine(48000, 0.5)[None], 48000)
+
+
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("media")
@@ -113,12 +122,7 @@ def media(tmp_path_factory):
     encode_video(d / "one.mkv", "matroska", "mpeg4", 1)
     encode_video(d / "noise.webm", "webm", "libvpx", 20, fps=10, noise=True)
     encode_video(d / "front.mp4", "mp4", "libx264", 50, noise=True, movflags="faststart")  # index first
-    with av.open(str(d / "zero.mkv"), "w", format="matroska") as c:    # video track, 0 frames
-        v = c.add_stream("mpeg4", rate=25)
-        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-        a = c.add_stream("flac", rate=48000)
-        a.layout = "mono"
-        _mux_audio(c, a, sine(48000, 0.5)[None], 48000)
+    write_frameless_video(d / "zero.mkv")                               # video track, 0 frames
     return d
 
 

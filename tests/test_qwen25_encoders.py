@@ -12,42 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-# transformers imports torchaudio when installed, and the installed wheel cannot load with this torch.
-import transformers.utils as _tu  # noqa: E402
-import transformers.utils.import_utils as _tiu  # noqa: E402
-
-_tu.is_torchaudio_available = lambda: False
-_tiu.is_torchaudio_available = lambda: False
-
-from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import (  # noqa: E402
+from tests.encoder_parity import encoder_pair, max_diff  # noqa: I001 (first: keeps torchaudio out)
+from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import (
     Qwen2_5OmniAudioEncoderConfig, Qwen2_5OmniVisionEncoderConfig)
-from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (  # noqa: E402
-    Qwen2_5OmniAudioEncoder, Qwen2_5OmniVisionEncoder)
+from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder, Qwen2_5OmniVisionEncoder
 
-from encoders.common import from_hf_dict  # noqa: E402
-from encoders.qwen25_audio import Qwen25AudioConfig, Qwen25AudioEncoder, audio_output_lengths  # noqa: E402
-from encoders.qwen25_vision import Qwen25VisionConfig, Qwen25VisionEncoder  # noqa: E402
+from encoders.common import from_hf_dict
+from encoders.qwen25_audio import Qwen25AudioConfig, Qwen25AudioEncoder, audio_output_lengths
+from encoders.qwen25_vision import Qwen25VisionConfig, Qwen25VisionEncoder
 
 TOL = 1e-5
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Seeded N(0, 1/fan_in) weights, N(0, 0.1) biases, 1 + N(0, 0.1) norm scales."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name or "ln_" in name:
-                p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
-            elif p.dim() == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / p[0].numel() ** 0.5)
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +29,7 @@ def audio_pair():
     hf_cfg = Qwen2_5OmniAudioEncoderConfig(d_model=64, encoder_layers=2, encoder_attention_heads=4,
                                            encoder_ffn_dim=128, num_mel_bins=128, max_source_positions=1500,
                                            n_window=100, output_dim=64)
-    hf = Qwen2_5OmniAudioEncoder._from_config(hf_cfg).eval()
-    _randomize(hf, seed=0)
-    ours = Qwen25AudioEncoder(from_hf_dict(Qwen25AudioConfig, hf_cfg.to_dict())).eval()
-    ours.load_state_dict(hf.state_dict(), strict=True)
-    return hf, ours
+    return encoder_pair(Qwen2_5OmniAudioEncoder, hf_cfg, Qwen25AudioEncoder, Qwen25AudioConfig, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +37,7 @@ def vision_pair():
     hf_cfg = Qwen2_5OmniVisionEncoderConfig(depth=4, hidden_size=64, intermediate_size=128, num_heads=4,
                                             patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                                             window_size=112, out_hidden_size=64, fullatt_block_indexes=[1, 3])
-    hf = Qwen2_5OmniVisionEncoder._from_config(hf_cfg).eval()
-    _randomize(hf, seed=1)
-    ours = Qwen25VisionEncoder(from_hf_dict(Qwen25VisionConfig, hf_cfg.to_dict())).eval()
-    ours.load_state_dict(hf.state_dict(), strict=True)
-    return hf, ours
+    return encoder_pair(Qwen2_5OmniVisionEncoder, hf_cfg, Qwen25VisionEncoder, Qwen25VisionConfig, seed=1)
 
 
 def test_configs_parse_hf_dicts(audio_pair, vision_pair):
@@ -93,7 +59,7 @@ def test_audio_parity(audio_pair, lens):
         ref = hf(input_features=feats, feature_lens=feature_lens).last_hidden_state
         got = ours(feats, feature_lens)
     assert got.shape[0] == int(audio_output_lengths(feature_lens).sum())
-    assert _max_diff(got, ref) <= TOL
+    assert max_diff(got, ref) <= TOL
 
 
 def test_audio_output_lengths():
@@ -126,7 +92,7 @@ def _vision_check(pair, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> N
         ref = hf(pixel_values, grid_thw=grid_thw).pooler_output
         got = ours(pixel_values, grid_thw)
     assert got.shape == (pixel_values.shape[0] // 4, 64)
-    assert _max_diff(got, ref) <= TOL
+    assert max_diff(got, ref) <= TOL
 
 
 @pytest.mark.parametrize("sizes", [[(112, 168)], [(480, 640)], [(112, 168), (480, 640)]],
@@ -171,4 +137,4 @@ def test_bf16_matches_hf_loaded_in_bf16(audio_pair, vision_pair, tmp_path):
             ref = out.pooler_output if cls is Qwen2_5OmniVisionEncoder else out.last_hidden_state
             got = ours16(*inputs)
         assert got.dtype == torch.bfloat16
-        assert _max_diff(got.float(), ref.float()) <= TOL  # bit-exact on CPU today
+        assert max_diff(got.float(), ref.float()) <= TOL  # bit-exact on CPU today

@@ -6,70 +6,34 @@ activations are O(1) and an absolute tolerance is meaningful.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
-# A torchaudio wheel beside the CPU torch breaks `import transformers.models.*`; make transformers skip it.
-import transformers.utils as _tu  # noqa: E402
-import transformers.utils.import_utils as _tiu  # noqa: E402
+from tests.encoder_parity import encoder_pair, max_diff  # noqa: I001 (first: keeps torchaudio out)
+from transformers.models.qwen3_omni_moe import configuration_qwen3_omni_moe as hf_cfg
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_mod
 
-_tu.is_torchaudio_available = lambda: False
-_tiu.is_torchaudio_available = lambda: False
-
-from transformers.models.qwen3_omni_moe import configuration_qwen3_omni_moe as hf_cfg  # noqa: E402
-from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_mod  # noqa: E402
-
-from encoders.common import from_hf_dict  # noqa: E402
-from encoders.qwen3_audio import Qwen3AudioConfig, Qwen3AudioEncoder, audio_output_lengths  # noqa: E402
-from encoders.qwen3_vision import Qwen3VisionConfig, Qwen3VisionEncoder  # noqa: E402
-from tests.tiny_omni import Q3_AUDIO, Q3_VISION, part  # noqa: E402
+from encoders.common import from_hf_dict
+from encoders.qwen3_audio import Qwen3AudioConfig, Qwen3AudioEncoder, audio_output_lengths
+from encoders.qwen3_vision import Qwen3VisionConfig, Qwen3VisionEncoder
+from tests.tiny_omni import Q3_AUDIO, Q3_VISION, part
 
 TOL = 1e-5
 
 AUDIO, VISION = part(Q3_AUDIO), part(Q3_VISION)  # the tiny Qwen3-Omni encoders every test builds
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Fan-in scaled weights, non-trivial biases and norm gains: O(1) activations through every layer."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() >= 2:
-                fan_in = p[0].numel() if "pos_embed" not in name else 1
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            elif "norm" in name or "ln_" in name:
-                base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
-
-
 @pytest.fixture(scope="module")
 def audio_pair():
     cfg = hf_cfg.Qwen3OmniMoeAudioEncoderConfig(**AUDIO)
-    hf = hf_mod.Qwen3OmniMoeAudioEncoder._from_config(cfg).float().eval()
-    _randomize(hf, seed=0)
-    ours = Qwen3AudioEncoder(from_hf_dict(Qwen3AudioConfig, cfg.to_dict())).eval()
-    ours.load_state_dict(hf.state_dict(), strict=True)
-    return hf, ours
+    return encoder_pair(hf_mod.Qwen3OmniMoeAudioEncoder, cfg, Qwen3AudioEncoder, Qwen3AudioConfig, seed=0)
 
 
 @pytest.fixture(scope="module")
 def vision_pair():
     cfg = hf_cfg.Qwen3OmniMoeVisionEncoderConfig(**VISION)
-    hf = hf_mod.Qwen3OmniMoeVisionEncoder._from_config(cfg).float().eval()
-    _randomize(hf, seed=1)
-    ours = Qwen3VisionEncoder(from_hf_dict(Qwen3VisionConfig, cfg.to_dict())).eval()
-    ours.load_state_dict(hf.state_dict(), strict=True)
-    return hf, ours
+    return encoder_pair(hf_mod.Qwen3OmniMoeVisionEncoder, cfg, Qwen3VisionEncoder, Qwen3VisionConfig, seed=1)
 
 
 def test_config_requires_released_fields():
@@ -96,7 +60,7 @@ def test_audio_encoder_matches_hf(audio_pair, lens):
         ref = hf(input_features=feats, feature_lens=feature_lens).last_hidden_state
         out = ours(feats, feature_lens)
     assert out.shape == (int(audio_output_lengths(feature_lens).sum()), AUDIO["output_dim"])
-    assert _max_diff(out, ref) <= TOL
+    assert max_diff(out, ref) <= TOL
 
 
 def test_audio_rejects_mismatched_lengths(audio_pair):
@@ -123,9 +87,9 @@ def _compare_vision(vision_pair, pixel_values, grid_thw):
     n_tokens = int(grid_thw.prod(-1).sum()) // VISION["spatial_merge_size"] ** 2
     assert merged.shape == (n_tokens, VISION["out_hidden_size"])
     assert len(deepstack) == len(ref.deepstack_features) == len(VISION["deepstack_visual_indexes"])
-    assert _max_diff(merged, ref.pooler_output) <= TOL
+    assert max_diff(merged, ref.pooler_output) <= TOL
     for ours_k, ref_k in zip(deepstack, ref.deepstack_features):
-        assert _max_diff(ours_k, ref_k) <= TOL
+        assert max_diff(ours_k, ref_k) <= TOL
 
 
 def test_vision_one_image_matches_hf(vision_pair):

@@ -93,17 +93,11 @@ def spread(module: torch.nn.Module) -> None:
             voc.conv_post.weight.mul_(0.15)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Many tiny ops: on a shared, busy CPU, one thread avoids OpenMP contention (100x here). Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, _one_thread):
+def env(tmp_path_factory, one_thread):
     from transformers import Qwen2_5OmniForConditionalGeneration
 
     d = tmp_path_factory.mktemp("omni25_speech")

@@ -46,13 +46,7 @@ AUDIO_PAD, AUDIO_BOS, AUDIO_EOS = 151675, 151669, 151670
 TALKER_TOKENS = 16  # HF talker_max_new_tokens -> 15 complete frames
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: threads buy nothing, and on a shared, loaded CPU 2 threads ran 30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_full_config():

@@ -32,23 +32,17 @@ Q3_SEED = 2  # this seed's greedy replies run past 30 tokens without <|im_end|>
 QUESTION = [{"role": "user", "content": "what is in this picture? describe the image."}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Many tiny ops: on a shared, busy CPU one thread avoids OpenMP contention. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def q3(tmp_path_factory, _one_thread):
+def q3(tmp_path_factory, one_thread):
     d = tmp_path_factory.mktemp("q3_full")
     return dict(dir=d, hf=make_qwen3_full(d, seed=Q3_SEED))
 
 
 @pytest.fixture(scope="module")
-def q25(tmp_path_factory, _one_thread):
+def q25(tmp_path_factory, one_thread):
     d = tmp_path_factory.mktemp("q25_full")
     return dict(dir=d, hf=make_qwen25_full(d))
 
