@@ -168,7 +168,10 @@ def parse_args(argv=None):
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 autocast on CPU; for the tiny model no faster on a 2-core AVX512-BF16 EPYC (stage-b "
                          "step 0.39-0.52 s vs 0.41-0.45 s in float32: a lone bf16 matmul runs 4x faster, but the "
-                         "step's matmul time fell only a quarter and attention's backward ran 2x slower)")
+                         "step's matmul time fell only a quarter and attention's backward ran 2x slower) and 2x "
+                         "slower on a 2-core Xeon with AMX (0.97-1.2 s vs 0.46-0.54 s). There a bf16 matmul of a "
+                         "shape seen before runs 4-7x faster than float32, but each new shape first costs ~1.5 ms "
+                         "(oneDNN builds a kernel for it), and token counts per batch and per expert keep changing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0, help="data worker processes (0 = build batches inline: on 2 cores a worker process slowed steps 10x)")
     ap.add_argument("--seed", type=int, default=1234)
