@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 
 import numpy as np
 import pytest
@@ -43,7 +42,7 @@ from qwen_omni.talker25 import (SPEECH_SYSTEM_PROMPT, TALKER_GREEDY, VOICES, pic
                                 speech_messages)
 from qwen_omni.token2wav_stream25 import FrameNoise  # noqa: E402
 
-from .tiny_omni import save_tokenizer, thinker_config  # noqa: E402
+from .tiny_omni import thinker_config  # noqa: E402
 
 TTS_TEXT = dict(tts_text_start_token_id=597, tts_text_end_token_id=598, tts_text_pad_token_id=599)
 N_TEXT, N_CODES = 6, 16
@@ -98,24 +97,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, one_thread):
-    from transformers import Qwen2_5OmniForConditionalGeneration
+    from .tiny_speech import make_qwen25_full
 
     d = tmp_path_factory.mktemp("omni25_speech")
-    ids = save_tokenizer(d, "qwen2_5")
-    torch.manual_seed(0)
-    hf = Qwen2_5OmniForConditionalGeneration(full_config(ids)).eval()
-    spread(hf)
-    hf.save_pretrained(d)
-    (d / "preprocessor_config.json").write_text(json.dumps({
-        "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 56 * 56,
-        "max_pixels": 28 * 28 * 1280, "feature_size": 128, "sampling_rate": 16000,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
-    g = torch.Generator().manual_seed(1)
-    torch.save({"Chelsie": {"bos_token": 595, "cond": torch.randn(16, generator=g),
-                            "ref_mel": torch.randn(1, 40, 80, generator=g)},
-                "Ethan": {"bos_token": 596, "cond": torch.randn(16, generator=g),
-                          "ref_mel": torch.randn(50, 80, generator=g)}}, d / "spk_dict.pt")
-    hf.load_speakers(str(d / "spk_dict.pt"))
+    hf = make_qwen25_full(d, seed=0)
     talker, t2w, speakers = load_speech25(d)
     return dict(dir=d, hf=hf, talker=talker, t2w=t2w, speakers=speakers, ours=qwen_omni.load(d, device="cpu",
                                                                                           dtype="float32"))

@@ -43,10 +43,12 @@ CORPUS = ["what is in this picture? describe the image. what do you hear in the 
           "how many beeps? three. is the pitch high or low? it moves to the left."] * 40
 
 
-def save_tokenizer(d: Path, family: str) -> dict[str, int]:
+def save_tokenizer(d: Path, family: str, extra: tuple[str, ...] = ()) -> dict[str, int]:
+    """A tiny BPE with the family's special tokens (+ `extra` ones) -> {name: id}; `extra` tokens and the chat
+    markers are in it under their own text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *TOKENS[family].values()]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *TOKENS[family].values(), *extra]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -59,6 +61,8 @@ def save_tokenizer(d: Path, family: str) -> dict[str, int]:
         "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "chat_template": Q3_TEMPLATE if family == "qwen3" else Q25_TEMPLATE, **named}))
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.token_to_id("<|im_end|>")]}))
+    if extra:
+        ids.update({t: tok.token_to_id(t) for t in ["<|im_start|>", "<|im_end|>", *extra]})
     return ids
 
 

@@ -22,32 +22,13 @@ import transformers.utils.import_utils as _tiu  # noqa: E402
 _tu.is_torchaudio_available = lambda: False  # the installed torchaudio wheel cannot load with this torch
 _tiu.is_torchaudio_available = lambda: False
 
-from .tiny_omni import (CORPUS, Q3_CODE2WAV, Q3_TALKER, Q3_TEMPLATE, TOKENS, init_stacked_experts,  # noqa: E402
-                        part, thinker_config)
+from .tiny_omni import (Q3_CODE2WAV, Q3_TALKER, init_stacked_experts, part, save_tokenizer,  # noqa: E402
+                        thinker_config)
 
 Q3_EXTRA = ["system", "user", "assistant", "<tts_pad>", "<tts_bos>", "<tts_eos>"]
 PREPROCESSOR = {"merge_size": 2, "temporal_patch_size": 2, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280,
                 "feature_size": 128, "sampling_rate": 16000, "image_mean": [0.48145466, 0.4578275, 0.40821073],
                 "image_std": [0.26862954, 0.26130258, 0.27577711]}
-
-
-def _q3_tokenizer(d: Path) -> dict[str, int]:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *TOKENS["qwen3"].values(), *Q3_EXTRA]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": Q3_TEMPLATE,
-        **{f"{k}_token": v for k, v in TOKENS["qwen3"].items()}}))
-    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.token_to_id("<|im_end|>")]}))
-    ids = {k: tok.token_to_id(v) for k, v in TOKENS["qwen3"].items()}
-    ids.update({t: tok.token_to_id(t) for t in ["<|im_start|>", "<|im_end|>", *Q3_EXTRA]})
-    return ids
 
 
 def resized(cfg, overrides: dict | None):
@@ -76,7 +57,7 @@ def make_qwen3_full(d: Path, seed: int = 0, overrides: dict | None = None):
 
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
-    ids = _q3_tokenizer(d)
+    ids = save_tokenizer(d, "qwen3", tuple(Q3_EXTRA))
     th = thinker_config("qwen3", ids)
     cfg = Qwen3OmniMoeConfig(
         thinker_config=th.to_dict(),
@@ -107,7 +88,6 @@ def make_qwen25_full(d: Path, seed: int = 0, overrides: dict | None = None):
     from transformers import Qwen2_5OmniForConditionalGeneration
 
     from .test_speech25 import full_config, spread
-    from .tiny_omni import save_tokenizer
 
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
