@@ -11,14 +11,7 @@ import math
 
 import torch
 
-# A torchaudio wheel beside the CPU torch breaks `import transformers.models.*`; make transformers skip it.
-import transformers.utils as _tu
-import transformers.utils.import_utils as _tiu
-
-_tu.is_torchaudio_available = lambda: False
-_tiu.is_torchaudio_available = lambda: False
-
-from encoders.common import from_hf_dict  # noqa: E402
+from encoders.common import from_hf_dict
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:

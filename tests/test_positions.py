@@ -15,13 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-# transformers imports torchaudio when installed, and the installed wheel cannot load with this torch.
-import transformers.utils as _tu  # noqa: E402
-import transformers.utils.import_utils as _tiu  # noqa: E402
-
-_tu.is_torchaudio_available = lambda: False
-_tiu.is_torchaudio_available = lambda: False
-
 from transformers import (Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration,  # noqa: E402
                           Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration)
 from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessor  # noqa: E402

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.encoder_parity import encoder_pair, max_diff  # noqa: I001 (first: keeps torchaudio out)
 from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import (
     Qwen2_5OmniAudioEncoderConfig, Qwen2_5OmniVisionEncoderConfig)
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder, Qwen2_5OmniVisionEncoder
@@ -20,6 +19,7 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAu
 from encoders.common import from_hf_dict
 from encoders.qwen25_audio import Qwen25AudioConfig, Qwen25AudioEncoder, audio_output_lengths
 from encoders.qwen25_vision import Qwen25VisionConfig, Qwen25VisionEncoder
+from tests.encoder_parity import encoder_pair, max_diff
 
 TOL = 1e-5
 

@@ -42,13 +42,6 @@ import pytest
 import torch
 from PIL import Image
 
-# transformers imports torchaudio when installed, and the installed wheel cannot load with this torch.
-import transformers.utils as _tu  # noqa: E402
-import transformers.utils.import_utils as _tiu  # noqa: E402
-
-_tu.is_torchaudio_available = lambda: False
-_tiu.is_torchaudio_available = lambda: False
-
 from transformers import PreTrainedTokenizerFast, Qwen2_5OmniProcessor, WhisperFeatureExtractor  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 from transformers.processing_utils import OmniModalProcessorMixin  # noqa: E402

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.encoder_parity import encoder_pair, max_diff  # noqa: I001 (first: keeps torchaudio out)
 from transformers.models.qwen3_omni_moe import configuration_qwen3_omni_moe as hf_cfg
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_mod
 
 from encoders.common import from_hf_dict
 from encoders.qwen3_audio import Qwen3AudioConfig, Qwen3AudioEncoder, audio_output_lengths
 from encoders.qwen3_vision import Qwen3VisionConfig, Qwen3VisionEncoder
+from tests.encoder_parity import encoder_pair, max_diff
 from tests.tiny_omni import Q3_AUDIO, Q3_VISION, part
 
 TOL = 1e-5

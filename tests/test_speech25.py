@@ -27,12 +27,6 @@ import pytest
 import torch
 from PIL import Image
 
-import transformers.utils as _tu  # noqa: E402
-import transformers.utils.import_utils as _tiu  # noqa: E402
-
-_tu.is_torchaudio_available = lambda: False  # the installed torchaudio wheel cannot load with this torch
-_tiu.is_torchaudio_available = lambda: False
-
 import qwen_omni  # noqa: E402
 from qwen_omni.errors import CheckpointError, InputError  # noqa: E402
 from qwen_omni.generate import make_generator  # noqa: E402

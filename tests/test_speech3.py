@@ -23,13 +23,6 @@ import numpy as np
 import pytest
 import torch
 
-# transformers imports torchaudio when installed, and the installed wheel cannot load with this torch.
-import transformers.utils as _tu  # noqa: E402
-import transformers.utils.import_utils as _tiu  # noqa: E402
-
-_tu.is_torchaudio_available = lambda: False
-_tiu.is_torchaudio_available = lambda: False
-
 from qwen_omni.code2wav3 import Code2Wav3  # noqa: E402
 from qwen_omni.loader import empty_weights  # noqa: E402
 from qwen_omni.models import build_model  # noqa: E402

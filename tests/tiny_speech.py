@@ -16,12 +16,6 @@ from pathlib import Path
 
 import torch
 
-import transformers.utils as _tu  # noqa: E402
-import transformers.utils.import_utils as _tiu  # noqa: E402
-
-_tu.is_torchaudio_available = lambda: False  # the installed torchaudio wheel cannot load with this torch
-_tiu.is_torchaudio_available = lambda: False
-
 from .tiny_omni import (Q3_CODE2WAV, Q3_TALKER, init_stacked_experts, part, save_tokenizer,  # noqa: E402
                         thinker_config)
 
