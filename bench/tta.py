@@ -10,7 +10,7 @@ thinker, talker and vocoder have all finished, so its TTFA is its total time. Bo
 talker), the same reply budget (REPLY_TOKENS) and talker budget (AUDIO_SECONDS), one warm-up run each first.
 The table also shows the audio each produced, our real-time factor (speech compute / audio duration) and, for
 Qwen2.5, the seam error of our windowed DiT stream against a whole-utterance decode of the same codes with the
-same initial noise, and the TTFA of the exact stream (see qwen_omni/speech.py for why it is not the default).
+same initial noise, and the TTFA of the exact stream (see qwen_omni/speech_pipeline25.py for why it is not the default).
 
 Shapes ("tiny but realistic"): random weights (they do not change the cost of a step) with the released
 models' structure where it decides the time split, and widths a CPU gets through in about a minute:
@@ -104,7 +104,7 @@ def greedy(a):
 
 
 def ours(a, tokens: int, seconds: float) -> dict:
-    a.speech.engine.max_audio_seconds = seconds
+    a.speech.pipeline.max_audio_seconds = seconds
     a.prefix_cache.clear()  # every run prefills its prompt, as the reference does
     stats: dict = {}
     t0 = time.perf_counter()
@@ -115,7 +115,7 @@ def ours(a, tokens: int, seconds: float) -> dict:
 
 
 def reference(hf, a, family: str, tokens: int, seconds: float) -> dict:
-    from qwen_omni.speech import persona_in_first_user_turn
+    from qwen_omni.speech_pipeline25 import persona_in_first_user_turn
 
     msgs = persona_in_first_user_turn(QUESTION) if family == "qwen2_5" else QUESTION
     ids = a.prepare(msgs)["input_ids"]
@@ -137,7 +137,7 @@ def seam_and_exact(a, run: dict, tokens: int, seconds: float) -> tuple[float, fl
     from qwen_omni.generate import make_generator
     from qwen_omni.token2wav_stream25 import FrameNoise
 
-    e = a.speech.engine
+    e = a.speech.pipeline
     codes = e.record_codes[-1]
     spk = e.speakers["Chelsie"]
     noise = FrameNoise(make_generator(0 + 2), e.token2wav.cfg.dit.mel_dim).get(0, 2 * len(codes))  # the stream's
@@ -173,7 +173,7 @@ def main(argv=None) -> None:
             rows.append((family, mine, ref))
             if family == "qwen2_5":
                 seam, rms, exact_tta = seam_and_exact(a, mine, REPLY_TOKENS, secs)
-                notes.append(f"qwen2_5 windowed DiT stream (speech.WINDOW25): seam error max {seam:.2e} "
+                notes.append(f"qwen2_5 windowed DiT stream (speech_pipeline25.WINDOW25): seam error max {seam:.2e} "
                              f"(audio RMS {rms:.3f}); exact stream TTFA {exact_tta:.2f} s")
             del hf, a
     head = (f"{'family':8} {'':10} {'tokens':>6} {'audio s':>7} {'TTFA s':>7} {'total s':>7} {'RTF':>5}   "

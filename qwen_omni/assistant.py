@@ -22,9 +22,15 @@ import torch
 
 from .errors import ContextOverflowError, InputError
 from .generate import generate, make_generator
-from .models import build_model, build_processor
+from .kv_cache import copy_prefix
+from .loader import resolve_checkpoint
+from .models import build_model
+from .moe import SparseMoE
+from .processor import build_processor
 from .prefix_cache import PrefixCache
+from .quant import quantize_int8
 from .sampling import SamplingParams
+from .speech import Speech
 from .tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -65,8 +71,6 @@ def load(model: str | Path | None = None, *, device: str | None = None, dtype: s
     quantize: "int8" stores the decoder's linear and expert weights as int8 (CPU only; quant.py): faster decoding
     and less memory, at a small accuracy cost. The encoders, embedding, norms and routers stay in `dtype`.
     """
-    from .loader import resolve_checkpoint
-
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize={quantize!r}: the only quantization is 'int8'")
     path = resolve_checkpoint(model if model is not None else DEFAULT_MODEL)
@@ -75,8 +79,6 @@ def load(model: str | Path | None = None, *, device: str | None = None, dtype: s
         raise ValueError(f"int8 quantization runs on the CPU only (torch's int8 kernel); this device is {dev}")
     net, kind = build_model(path, pick_dtype(dtype, dev), dev)
     if quantize:
-        from .quant import quantize_int8
-
         quantize_int8(net, skip=("visual", "audio_tower"))
     return Assistant(net, Tokenizer.from_dir(path), path, kind, build_processor(path, net), speech=speech)
 
@@ -84,8 +86,6 @@ def load(model: str | Path | None = None, *, device: str | None = None, dtype: s
 class Assistant:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, path: Path, kind: str, processor=None,
                  speech: bool | str = "lazy"):
-        from .speech import Speech
-
         self.model, self.tokenizer, self.path, self.kind = model, tokenizer, path, kind
         self.processor = processor  # media -> tensors for Omni thinkers; None for text-only models
         self.device = next(model.parameters()).device
@@ -231,8 +231,6 @@ def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
     Active: MoE layers count only top-k of their experts, and an Omni thinker's audio and vision encoders are left
     out - they run once per media item at prefill, never per generated token. Tied weights count once.
     """
-    from .moe import SparseMoE
-
     total = active = sum(p.numel() for p in module.parameters())
     for m in module.modules():
         if isinstance(m, SparseMoE):
@@ -244,39 +242,6 @@ def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
         if isinstance(encoder, torch.nn.Module):
             active -= sum(p.numel() for p in encoder.parameters())
     return total, active
-
-
-def speak(pieces: Iterator[str], voice: str, stats: dict, start: float) -> Iterator[str | np.ndarray]:
-    """Interleave the offline voice's audio (one chunk per finished sentence) into a text stream."""
-    from .voice import SAMPLE_RATE, SentenceSpeaker
-
-    speaker = SentenceSpeaker(voice)
-    synth_time, audio_seconds = 0.0, 0.0
-
-    def timed(make):
-        nonlocal synth_time, audio_seconds
-        t = time.perf_counter()
-        chunks = make()
-        synth_time += time.perf_counter() - t
-        for a in chunks:
-            stats.setdefault("time_to_first_audio", time.perf_counter() - start)
-            audio_seconds += a.size / SAMPLE_RATE
-        stats.update(audio_seconds=audio_seconds, real_time_factor=synth_time / audio_seconds if audio_seconds else None)
-        return chunks
-
-    for piece in pieces:
-        yield piece
-        yield from timed(lambda: speaker.push(piece))
-    yield from timed(speaker.flush)
-
-
-def copy_prefix(src, dst, n: int) -> int:
-    """Copy the first n cached positions of row 0 from one cache into a larger one."""
-    for layer in range(len(src.k)):
-        dst.k[layer][:, :, :n] = src.k[layer][:, :, :n]
-        dst.v[layer][:, :, :n] = src.v[layer][:, :, :n]
-    dst.lengths[:] = n
-    return n
 
 
 def flatten_text(messages: list[dict]) -> list[dict]:

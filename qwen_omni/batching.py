@@ -36,10 +36,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .assistant import copy_prefix
 from .errors import ContextOverflowError, QwenOmniError
 from .generate import make_generator
 from .group_prefill import prefill_prompts
+from .kv_cache import copy_prefix
 from .sampling import SamplingParams, apply_repetition_penalty, sample
 from .shared_prefix import SharedPrefixCache
 from .slot_pool import SlotPool

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .speech_config25 import BigVGANConfig25
+from .vocoder_layers import SnakeBeta
 
 ACT_KERNEL = 12  # taps of the anti-aliasing up/down filters (reference default)
 
@@ -42,20 +43,6 @@ def kaiser_sinc(cutoff: float, half_width: float, kernel_size: int) -> torch.Ten
     t = (torch.arange(-half, half) + 0.5) if kernel_size % 2 == 0 else (torch.arange(kernel_size) - half)
     taps = 2 * cutoff * window * torch.sinc(2 * cutoff * t)
     return (taps / taps.sum()).view(1, 1, kernel_size)
-
-
-class SnakeBeta(nn.Module):
-    """x + sin^2(x * e^alpha) / e^beta, per channel; x: (B, C, T)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.alpha = nn.Parameter(torch.zeros(channels))
-        self.beta = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        alpha = torch.exp(self.alpha[None, :, None])
-        beta = torch.exp(self.beta[None, :, None])
-        return x + (1.0 / (beta + 1e-9)) * torch.pow(torch.sin(x * alpha), 2)
 
 
 class AntiAliasedSnake(nn.Module):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import InputError, QwenOmniError
+from .voice import wav_bytes
 
 log = logging.getLogger("qwen_omni.app")
 
@@ -314,8 +315,6 @@ class ChatSession:
         try:
             messages = history_to_messages(history, system_prompt)
             seed = None if sampling.seed is None or sampling.seed < 0 else int(sampling.seed)
-            from .voice import wav_bytes
-
             speech = {"speech": True, "voice": sampling.voice or "default"} if sampling.speak else {}
             stream = self.assistant.chat(
                 messages, max_new_tokens=max(1, min(int(sampling.max_new_tokens), self.max_new_tokens)),

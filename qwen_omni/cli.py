@@ -8,7 +8,9 @@ first turn. Errors a user can cause print one line and exit with status 2; nothi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .errors import QwenOmniError
 
@@ -38,10 +40,37 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--top-k", type=int, default=0)
     chat.add_argument("--seed", type=int, default=None)
-    from .server import add_serve_parser  # `serve`: the OpenAI-compatible server (qwen_omni/server.py)
-
     add_serve_parser(sub)
     return ap
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible API (see docs/serving.md)")
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("QWEN_OMNI_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $QWEN_OMNI_API_KEY; none = open)")
+    p.add_argument("--served-model-name", default=None, help="model id to report (default: the checkpoint's)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    p.add_argument("--max-model-len", type=int, default=4096, help="positions per slot (prompt + reply)")
+    p.add_argument("--prefix-cache-size", type=int, default=16, help="conversations kept for prefix reuse")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (413 above)")
+    p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs (off: 400)")
+    p.add_argument("--media-dir", type=Path, default=None, help="allow local file paths under this folder")
+    p.add_argument("--backend", choices=["local", "openai"], default="local",
+                   help="local: run the model here; openai: forward to --base-url")
+    p.add_argument("--base-url", default=None, help="with --backend openai: e.g. http://gpu-box:8000/v1")
+    p.add_argument("--remote-api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="with --backend openai: the upstream's key (default: $OPENAI_API_KEY)")
+    p.add_argument("--remote-model", default=None, help="with --backend openai: upstream model id (default: first)")
+    p.add_argument("--engine-process", action="store_true",
+                   help="run the model in a child process, so HTTP work and decode steps do not share a GIL "
+                        "(engine_process.py)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is best on a busy shared machine)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def user_turn(text: str, images=(), audios=(), videos=()) -> dict:

@@ -31,10 +31,10 @@ from torch import nn
 
 from encoders.common import RMSNorm
 
-from .bigvgan25 import SnakeBeta as BigVGANSnakeBeta
 from .moe import MLP
 from .rope import Rotary, apply_rotary
 from .speech_config import Code2WavConfig
+from .vocoder_layers import SnakeBeta as PointwiseSnakeBeta
 
 SAMPLE_RATE = 24000
 
@@ -77,7 +77,7 @@ class CausalTransConv(nn.Module):
         return max(0, (n - 1) * self.stride + self.kernel - 2 * self.trim)
 
 
-class SnakeBeta(BigVGANSnakeBeta):
+class SnakeBeta(PointwiseSnakeBeta):
     """The BigVGAN activation (pointwise), plus the receptive-field arithmetic the streaming decoder asks of
     every layer."""
 

@@ -26,6 +26,7 @@ from .errors import ContextOverflowError, QwenOmniError
 from .openai_api import APIError, ChatRequest
 from .remote import RemoteAssistant, RemoteError, RemoteRequestError, RemoteUnsupportedError
 from .tokenizer import StreamDecoder
+from .media_cache import CachingProcessor
 
 log = logging.getLogger("qwen_omni.server")
 
@@ -167,8 +168,6 @@ class LocalEngine:
                  prefix_cache_size: int | None = None):
         self.assistant = assistant
         if assistant.processor is not None:  # follow-up turns re-send their media: keep the features
-            from .media_cache import CachingProcessor
-
             assistant.processor = CachingProcessor(assistant.processor)
         if prefix_cache_size is not None:
             assistant.prefix_cache.capacity = prefix_cache_size

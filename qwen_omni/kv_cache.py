@@ -92,3 +92,12 @@ class KVCache:
         """Roll a row back to its first `length` positions (e.g. keep a shared prompt prefix)."""
         self.lengths[row] = min(int(self.lengths[row]), length)
         self.plan = None
+
+
+def copy_prefix(src: KVCache, dst: KVCache, n: int) -> int:
+    """Copy the first n cached positions of row 0 from one cache into a larger one."""
+    for layer in range(len(src.k)):
+        dst.k[layer][:, :, :n] = src.k[layer][:, :, :n]
+        dst.v[layer][:, :, :n] = src.v[layer][:, :, :n]
+    dst.lengths[:] = n
+    return n

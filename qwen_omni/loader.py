@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from .errors import CheckpointError
@@ -74,12 +75,20 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     for f in safetensors_files(path):
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             for name in sf.keys():
                 yield name, sf.get_tensor(name)
+
+
+def read_prefixed(path: Path, prefixes: tuple[str, ...]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Like `read_tensors`, but only the tensors under `prefixes` are read from disk: the thinker's (most of a
+    full Omni checkpoint) are skipped by name, never materialised."""
+    for f in safetensors_files(path):
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for name in sf.keys():
+                if name.startswith(prefixes):
+                    yield name, sf.get_tensor(name)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from .decoder import CausalLM
 from .errors import CheckpointError
 from .loader import empty_weights, load_into, read_tensors
 from .omni_config import FULL_TYPES, THINKER_TYPES, ThinkerConfig
+from .thinker import Thinker
 
 # Parts of a full Omni checkpoint that the thinker does not load (speech output loads them separately).
 SPEECH_PREFIXES = ("talker.", "token2wav.", "code2wav.")
@@ -38,8 +39,6 @@ def build_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[t
         load_into(net, read_tensors(path), rename_text, dtype, device, source=str(path))
         return net.eval(), mt
     if mt in FULL_TYPES or mt in THINKER_TYPES:
-        from .thinker import Thinker
-
         cfg = ThinkerConfig.parse(raw)
         with empty_weights():
             net = Thinker(cfg)
@@ -47,12 +46,3 @@ def build_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[t
         return net.eval(), cfg.model_type
     supported = sorted(TEXT_MODEL_TYPES | set(FULL_TYPES) | THINKER_TYPES)
     raise CheckpointError(f"{path}: model_type {mt!r} is not supported (supported: {supported})")
-
-
-def build_processor(path: Path, model: torch.nn.Module):
-    """The media processor of an Omni thinker (None for text-only models)."""
-    if not isinstance(getattr(model, "cfg", None), ThinkerConfig):
-        return None
-    from .processor import Processor, ProcessorConfig
-
-    return Processor(model.cfg, ProcessorConfig.from_dir(path, model.cfg))

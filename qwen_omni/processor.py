@@ -348,3 +348,10 @@ def content_hash(src) -> str:
         tobytes = getattr(src, "tobytes", None)
         h.update(tobytes() if tobytes else repr(src).encode())
     return h.hexdigest()[:16]
+
+
+def build_processor(path: Path, model: torch.nn.Module):
+    """The media processor of an Omni thinker (None for text-only models)."""
+    if not isinstance(getattr(model, "cfg", None), ThinkerConfig):
+        return None
+    return Processor(model.cfg, ProcessorConfig.from_dir(path, model.cfg))

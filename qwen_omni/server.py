@@ -25,16 +25,15 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
-from .cli import add_model_arguments
 from .engines import Job, LocalEngine, RemoteEngine, api_error
 from .openai_api import APIError, ChatRequest, MediaPolicy, StopText, chunk, completion, completion_id, \
     parse_chat_request, usage
+from .engine_process import ProcessEngine
+from .remote import RemoteAssistant, RemoteError
 
 log = logging.getLogger("qwen_omni.server")
 MB = 1 << 20
@@ -250,39 +249,8 @@ async def cancel_on_disconnect(request, job: Job, every: float = 0.5) -> None:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
-def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve an OpenAI-compatible API (see docs/serving.md)")
-    add_model_arguments(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("QWEN_OMNI_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $QWEN_OMNI_API_KEY; none = open)")
-    p.add_argument("--served-model-name", default=None, help="model id to report (default: the checkpoint's)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
-    p.add_argument("--max-model-len", type=int, default=4096, help="positions per slot (prompt + reply)")
-    p.add_argument("--prefix-cache-size", type=int, default=16, help="conversations kept for prefix reuse")
-    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (413 above)")
-    p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs (off: 400)")
-    p.add_argument("--media-dir", type=Path, default=None, help="allow local file paths under this folder")
-    p.add_argument("--backend", choices=["local", "openai"], default="local",
-                   help="local: run the model here; openai: forward to --base-url")
-    p.add_argument("--base-url", default=None, help="with --backend openai: e.g. http://gpu-box:8000/v1")
-    p.add_argument("--remote-api-key", default=os.environ.get("OPENAI_API_KEY"),
-                   help="with --backend openai: the upstream's key (default: $OPENAI_API_KEY)")
-    p.add_argument("--remote-model", default=None, help="with --backend openai: upstream model id (default: first)")
-    p.add_argument("--engine-process", action="store_true",
-                   help="run the model in a child process, so HTTP work and decode steps do not share a GIL "
-                        "(engine_process.py)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is best on a busy shared machine)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-
-
 def engine_loader(args) -> Callable[[], Any]:
     if args.backend == "openai":
-        from .remote import RemoteAssistant, RemoteError
-
         def load_remote():
             remote = RemoteAssistant(args.base_url, api_key=args.remote_api_key, model=args.remote_model)
             for attempt in range(1 << 30):  # the upstream may still be starting: keep answering 503 meanwhile
@@ -304,8 +272,6 @@ def engine_loader(args) -> Callable[[], Any]:
         from .assistant import load
 
         if args.engine_process:
-            from .engine_process import ProcessEngine
-
             return ProcessEngine(args.model, dict(device=args.device, dtype=args.dtype, quantize=args.quantize),
                                  (args.max_batch, args.max_queue, args.max_model_len, args.prefix_cache_size),
                                  threads=args.threads, log_level=args.log_level)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .assistant import copy_prefix
-from .kv_cache import KVCache
+from .kv_cache import KVCache, copy_prefix
 from .prefix_cache import PrefixCache
 
 

@@ -1,4 +1,5 @@
-"""Config of Qwen2.5-Omni's speech output (`talker_config`, `token2wav_config`) and the loader of its weights.
+"""Config of Qwen2.5-Omni's speech output (`talker_config`, `token2wav_config`) (the loader of its weights is in
+`speech_pipeline25`).
 
 Field names are transformers' (`Qwen2_5OmniTalkerConfig`, `Qwen2_5OmniDiTConfig`, `Qwen2_5OmniBigVGANConfig`),
 parsed with `encoders.common.from_hf_dict` so unknown keys land in `extra`. Defaults:
@@ -7,24 +8,15 @@ parsed with `encoders.common.from_hf_dict` so unknown keys land in `extra`. Defa
 * everything else defaults to transformers' class default, which is what transformers itself uses when
   config.json omits a key (token ids, DiT/BigVGAN shapes: the DiT and BigVGAN class defaults are the
   released model's).
-
-`load_speech25` builds the talker and token2wav on the meta device and fills them strictly from the
-checkpoint's `talker.*` / `token2wav.*` tensors (`loader.load_into`; only those tensors are read), and reads
-the speaker bank `spk_dict.pt` with `torch.load(weights_only=True)`: plain tensors, ints and dicts only, never
-arbitrary pickled objects. It is the one non-safetensors file we read. token2wav stays float32 whatever
-`dtype` is asked for, as the reference casts it (`enable_talker()` calls `.float()`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from encoders.common import from_hf_dict
 
-from .config import TextConfig, read_config_json
+from .config import TextConfig
 from .errors import CheckpointError
 
 DEFAULT_TALKER_MROPE = [16, 24, 24]  # transformers' fallback when rope_parameters lacks mrope_section
@@ -151,59 +143,3 @@ class SpeechConfig25:
                                   "no talker_config)")
         return cls(TalkerConfig25.parse(raw["talker_config"]),
                    Token2WavConfig25.parse(raw.get("token2wav_config") or {}))
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-SPEAKER_FILE = "spk_dict.pt"
-
-
-def load_speakers(path: Path) -> dict[str, dict[str, Any]]:
-    """`spk_dict.pt`: {name: {"bos_token": int, "cond": (enc_emb_dim,), "ref_mel": (T, mel) or (1, T, mel)}}."""
-    f = Path(path) / SPEAKER_FILE
-    if not f.is_file():
-        raise CheckpointError(f"{path}: no {SPEAKER_FILE}; speech output needs the checkpoint's speaker bank")
-    try:
-        raw = torch.load(f, map_location="cpu", weights_only=True)  # tensors/ints/dicts only: no code runs
-    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise CheckpointError(f"{f}: cannot be read as plain tensors ({type(e).__name__}: {e})") from None
-    speakers = {}
-    for name, entry in raw.items():
-        missing = {"bos_token", "cond", "ref_mel"} - set(entry)
-        if missing:
-            raise CheckpointError(f"{f}: speaker {name!r} lacks {sorted(missing)}")
-        ref = torch.as_tensor(entry["ref_mel"]).float()
-        speakers[name] = {"bos_token": int(entry["bos_token"]), "cond": torch.as_tensor(entry["cond"]).float(),
-                          "ref_mel": ref if ref.dim() == 3 else ref[None]}
-    return speakers
-
-
-def load_speech25(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """-> (Talker25 in `dtype`, Token2Wav25 in float32, speakers) from a full Qwen2.5-Omni checkpoint directory."""
-    from .loader import empty_weights, load_into
-    from .talker25 import Talker25
-    from .token2wav25 import Token2Wav25
-
-    path = Path(path)
-    cfg = SpeechConfig25.parse(read_config_json(path))
-    with empty_weights():
-        talker = Talker25(cfg.talker)
-        token2wav = Token2Wav25(cfg.token2wav)
-    for module, prefix, dt in ((talker, "talker.", dtype), (token2wav, "token2wav.", torch.float32)):
-        load_into(module, prefixed_tensors(path, prefix), lambda name, p=prefix: name[len(p):], dt, device,
-                  source=f"{path} ({prefix[:-1]})")
-    return talker.eval(), token2wav.eval(), load_speakers(path)
-
-
-def prefixed_tensors(path: Path, prefix: str):
-    """Like `loader.read_tensors`, but only the tensors under `prefix` are read from disk: the thinker's
-    (most of a 7B checkpoint) are skipped by name, never materialised."""
-    from safetensors import safe_open
-
-    from .loader import safetensors_files
-
-    for f in safetensors_files(path):
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for name in sf.keys():
-                if name.startswith(prefix):
-                    yield name, sf.get_tensor(name)

@@ -25,20 +25,17 @@ each new code's embedding (a fresh cache per frame). EOS as code 0 ends the stre
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TextConfig, read_config_json
+from .config import TextConfig
 from .decoder import TextModel
 from .errors import InputError
 from .generate import pull_stream
 from .kv_cache import KVCache
-from .loader import empty_weights, load_into, safetensors_files
-from .omni_config import ThinkerConfig
 from .positions import decode_positions, rope_index
 from .sampling import SamplingParams, apply_repetition_penalty, sample
 from .speech_config import SpeechConfig
@@ -291,33 +288,3 @@ class TalkerStream:
         tok = sample(logits, self.params, self.generator)  # (1,)
         self.seen = torch.cat([self.seen, tok[:, None].cpu()], dim=1)
         return tok
-
-
-# ---- loading -----------------------------------------------------------------------------------------------
-
-def read_prefixed(path: Path, prefixes: tuple[str, ...]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Like `loader.read_tensors`, but reads only tensors under `prefixes` (skips the 30B thinker)."""
-    from safetensors import safe_open
-
-    for f in safetensors_files(path):
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for name in sf.keys():
-                if name.startswith(prefixes):
-                    yield name, sf.get_tensor(name)
-
-
-def load_speech3(path: str | Path, thinker_cfg: ThinkerConfig, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
-    """(Talker3, Code2Wav3) from a full Qwen3-Omni checkpoint directory (`talker.*`, `code2wav.*` keys)."""
-    from .code2wav3 import Code2Wav3
-
-    path = Path(path)
-    cfg = SpeechConfig.parse(read_config_json(path), thinker_cfg)
-    with empty_weights():
-        talker, vocoder = Talker3(cfg), Code2Wav3(cfg.code2wav)
-    load_into(talker, read_prefixed(path, ("talker.",)), lambda n: n.removeprefix("talker."), dtype, device,
-              source=f"{path} (talker)")
-    load_into(vocoder, read_prefixed(path, ("code2wav.",)), lambda n: n.removeprefix("code2wav."), dtype, device,
-              source=f"{path} (code2wav)")
-    return talker.eval(), vocoder.eval()
-

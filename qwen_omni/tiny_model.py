@@ -24,6 +24,10 @@ import torch
 from torch import nn
 
 from .omni_config import ThinkerConfig
+from .models import build_model
+from .processor import Processor, ProcessorConfig
+from .synthetic import TASKS, make_sample, text_parts
+from .thinker import Thinker
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>"]
@@ -75,8 +79,6 @@ SIZES = {
 def corpus_texts(n_per_task: int = 150, seed0: int = 7_000_000) -> list[str]:
     """Train-split text of the synthetic world: every user text part and every answer of n_per_task samples
     per task (seeds disjoint from training's and eval's), plus the system prompt."""
-    from .synthetic import TASKS, make_sample, text_parts
-
     texts = [SYSTEM_PROMPT]
     for task in TASKS:
         for i in range(n_per_task):
@@ -191,8 +193,6 @@ def generation_config() -> dict:
 
 def build_thinker(cfg_dict: dict, seed: int = 0):
     """Our Thinker from a config dict, initialised like transformers does (N(0, 0.02), norms 1, biases 0)."""
-    from .thinker import Thinker
-
     torch.manual_seed(seed)
     model = Thinker(ThinkerConfig.parse(cfg_dict))
     init_weights(model)
@@ -291,8 +291,6 @@ def new_model(vocab_size: int, size: str = "tiny", seed: int = 0):
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32):
     """Load a checkpoint directory (ours or any thinker) for training: parameters trainable, config attached."""
-    from .models import build_model
-
     model, _ = build_model(Path(path), dtype, torch.device("cpu"))
     model.config_dict = json.loads((Path(path) / "config.json").read_text())
     for p in model.parameters():
@@ -303,8 +301,6 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
 def processor_for(cfg: ThinkerConfig, src: Path | None = None) -> "object":
     """The media processor for training and the in-training eval: `src`'s preprocessor configs when it has them
     (fine-tuning a checkpoint keeps its image sizes and normalisation), the tiny model's own else (from scratch)."""
-    from .processor import Processor, ProcessorConfig
-
     if src is not None and (Path(src) / "preprocessor_config.json").is_file():
         return Processor(cfg, ProcessorConfig.from_dir(Path(src), cfg))
     return Processor(cfg, ProcessorConfig.from_dicts(*processor_configs(), cfg))

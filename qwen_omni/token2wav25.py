@@ -15,7 +15,7 @@ DiT, as transformers 5.24 `Qwen2_5OmniToken2WavDiTModel` computes it:
   t + sway * (cos(pi t / 2) - 1 + t); the initial noise is an explicit input (`noise`), drawn from the global
   RNG like the reference when not given, so both can share it.
 
-Streaming (`Token2Wav25.stream`), see token2wav_stream25.py: the reference has no streaming or chunked API in
+Streaming (`token2wav_stream25.stream`): the reference has no streaming or chunked API in
 5.24 (it decodes after the talker finishes). One DiT evaluation is block-local (output block b depends on input
 blocks b-2 .. b+1 with the released layer lists), but the sampler chains 4 * (num_steps - 1) = 36 evaluations,
 so the final mel of block b depends on codes up to 36 blocks (432 codes, 8.6 s) ahead. The exact stream is a
@@ -25,7 +25,6 @@ up to float rounding); the low-latency stream runs the whole ODE on overlapping 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -304,9 +303,3 @@ class Token2Wav25(nn.Module):
         """codes (B, N) -> 24 kHz float32 waveform (B, N * samples_per_code), the reference's token2wav."""
         return self.vocode(self.mel(codes, cond, ref_mel, noise=noise, num_steps=num_steps,
                                     guidance_scale=guidance_scale, sway_coefficient=sway_coefficient))
-
-    def stream(self, codes: Iterable[int], cond: torch.Tensor, ref_mel: torch.Tensor, **kw) -> Iterator[torch.Tensor]:
-        """Yield 24 kHz float32 waveform chunks (1-D, CPU) as codes arrive; see token2wav_stream25.stream."""
-        from .token2wav_stream25 import stream
-
-        return stream(self, codes, cond, ref_mel, **kw)

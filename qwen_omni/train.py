@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import math
 import os
 import random
 import sys
@@ -52,6 +51,7 @@ from . import tiny_model as tm
 from .train_binding import BindingLoss, parse_heads
 from .train_data import STAGE_A_TASKS, STAGE_B_WEIGHTS, JsonlData, SyntheticStream, task_weights
 from .train_losses import RouterLogits, lm_loss
+from .train_schedule import stage_lr
 from .train_vision import TEXT_P, run_stage_v
 
 PARAM_GROUPS = {
@@ -80,20 +80,6 @@ def tune_malloc() -> None:
 
 
 # ---------------------------------------------------------------- schedule
-
-def lr_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.1) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def stage_lr(step: int, total: int, warmup: int, peak: float, frac: float) -> float:
-    """`lr_at` for a stage that may end on a time budget: warm up by step, then decay by progress `frac` (the
-    larger of the step and the time fractions)."""
-    return lr_at(step, total, warmup, peak) if step < warmup else lr_at(
-        warmup + int(frac * (total - warmup)), total, warmup, peak)
-
 
 # ---------------------------------------------------------------- checkpointing
 

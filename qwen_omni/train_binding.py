@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .decoder import rotate
+from .synthetic_labels import object_mask, token_labels
 
 
 def parse_heads(spec: str, n_layers: int) -> dict[int, list[int]]:
@@ -40,8 +41,6 @@ def targets(ids: torch.Tensor, answer_starts: list[int], meta: dict, grid_thw: t
     ids: (S,) prompt ids; answer_starts: the first label position of each assistant turn, in order;
     meta["targets"][i]: the object index turn i is about (None: no single object). The query is the position
     just before the answer, whose logits predict its first token."""
-    from .train_vision import object_mask, token_labels
-
     objs = meta["objects"]
     g = grid_thw[0]
     # token -> covering object (1-based; 0 = background), with the object's index as its "shape" class

@@ -18,6 +18,11 @@ import torch.nn.functional as F
 
 from . import tiny_model as tm
 from .synthetic import iter_samples
+from . import synthetic_audio as sa
+from . import synthetic_media as sm
+from .omni_config import ThinkerConfig
+from .tokenizer import Tokenizer
+from .train_binding import targets
 
 IGNORE = -100
 
@@ -47,9 +52,6 @@ def augment(sample, rng: np.random.Generator, p: float):
     """JPEG + rescale some images, MP3/Ogg some audio (what real uploads go through)."""
     if p <= 0:
         return sample
-    from . import synthetic_audio as sa
-    from . import synthetic_media as sm
-
     for m in sample.messages:
         if isinstance(m["content"], str):
             continue
@@ -82,8 +84,6 @@ def encode(processor, tokenizer, messages: list[dict], answer: str, meta: dict |
     inp.pop("cache_key", None)
     inp["labels"] = labels[None]
     if meta and meta.get("targets") and "image_grid_thw" in inp:
-        from .train_binding import targets
-
         inp["bind_q"], inp["bind_t"] = targets(ids, starts, meta, inp["image_grid_thw"], processor.p.merge_size,
                                                processor.p.patch_size * processor.p.merge_size,
                                                tm.TOKEN_IDS["<|image_pad|>"])
@@ -140,9 +140,6 @@ class SyntheticStream(torch.utils.data.IterableDataset):
         self.easy_p = easy_p
 
     def __iter__(self):
-        from .omni_config import ThinkerConfig
-        from .tokenizer import Tokenizer
-
         info = torch.utils.data.get_worker_info()
         wid = info.id if info else 0
         if info is not None:  # a worker process; inline (workers=0) this is the trainer's own process
@@ -176,9 +173,6 @@ class JsonlData(torch.utils.data.IterableDataset):
         self.tok_dir, self.model_cfg, self.batch, self.seed = tok_dir, model_cfg, batch, seed
 
     def __iter__(self):
-        from .omni_config import ThinkerConfig
-        from .tokenizer import Tokenizer
-
         if torch.utils.data.get_worker_info() is not None:
             torch.set_num_threads(1)
         tok = Tokenizer.from_dir(self.tok_dir)

@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from .train_data import IGNORE
+from .moe import SparseMoE
 
 
 class RouterLogits:
     """Forward hooks on every MoE router (`mlp.gate`) that keep its logits for the load-balancing loss."""
 
     def __init__(self, model):
-        from .moe import SparseMoE
-
         self.logits: list[torch.Tensor] = []
         self.top_k = 2
         self.handles = []

@@ -35,14 +35,13 @@ from torch import nn
 
 from . import synthetic_media as sm
 from .synthetic import number_text
+from .synthetic_labels import CHARS, READ_SLOTS, object_mask, token_labels
+from .train_schedule import stage_lr
 
-CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
-READ_SLOTS = 3  # glyphs per token that the reading heads name (18 px text: ~10 px glyphs in a 32 px token)
 HEADS = {"shape": 1 + len(sm.SHAPES), "colour": 1 + len(sm.COLORS), "char": 1 + len(CHARS), "centre": 2,
          **{f"read{k}": 1 + len(CHARS) for k in range(READ_SLOTS)}}
 BG_WEIGHT = 0.3  # background tokens' share of each head's loss, next to 1.0 for the objects' tokens
 TEXT_P = 0.35  # share of images showing rendered text (the rest show shapes); --text-p-v
-COVER = 0.08  # a token is labelled with an object once the object covers this share of its pixels
 # Weight of the `where` regression next to the CE heads. It is the easiest label (the position table alone
 # gives it) and at 10x it crowded the others out: from scratch, 400 steps at lr 1e-3 told shape on 31 % of the
 # tokens at weight 10 and 43 % at weight 1 (held-out batches, last decoder view).
@@ -98,15 +97,6 @@ def _shape_scene(rng) -> tuple[Image.Image, np.ndarray, dict[str, list[int]], li
     return img, mask, classes, [(o.cx, o.cy) for o in objs], []
 
 
-def object_mask(objs: list[sm.Obj], size: tuple[int, int]) -> np.ndarray:
-    """(h, w) uint8 map of which object (1-based, in list order) covers each pixel; 0 = background."""
-    mask = Image.new("L", size, 0)
-    draw = ImageDraw.Draw(mask)
-    for i, o in enumerate(objs):
-        sm.draw_shape(draw, o.shape, o.cx, o.cy, o.r, i + 1)
-    return np.asarray(mask)
-
-
 def _text_scene(rng) -> tuple[Image.Image, np.ndarray, dict[str, list[int]], list, list]:
     text = number_text(rng) if rng.random() < 0.6 else sm.WORDS[rng.integers(len(sm.WORDS))]
     img, boxes = sm.render_text(rng, text, boxes=True)
@@ -119,43 +109,6 @@ def _text_scene(rng) -> tuple[Image.Image, np.ndarray, dict[str, list[int]], lis
                "char": [0] + [CHARS.index(ch) + 1 for ch, _ in boxes]}
     glyphs = [(CHARS.index(ch) + 1, (x0 + x1) / 2, (y0 + y1) / 2) for ch, (x0, y0, x1, y1) in boxes]
     return img, np.asarray(mask), classes, [], glyphs
-
-
-def token_labels(mask: np.ndarray, classes: dict[str, list[int]], centres, size: tuple[int, int],
-                 grid: tuple[int, int], unit: int, glyphs=()) -> dict[str, torch.Tensor]:
-    """Per-token labels (gh*gw,) in the encoder's merged-token order (row-major) for an image of `size` (w, h)
-    whose resized version is a (gh, gw) grid of unit x unit px tokens. `glyphs` [(char class, cx, cy)] in
-    reading order fill the read slots of the token holding each glyph's centre."""
-    gh, gw = grid
-    w, h = size
-    ys = np.minimum((np.arange(gh * unit) + 0.5) * h / (gh * unit), h - 1).astype(int)
-    xs = np.minimum((np.arange(gw * unit) + 0.5) * w / (gw * unit), w - 1).astype(int)
-    m = mask[ys][:, xs].reshape(gh, unit, gw, unit).transpose(0, 2, 1, 3).reshape(gh * gw, unit * unit)
-    # (tokens, objects): pixels of each object in each token (one all-zero column when there is no object)
-    counts = np.stack([(m == i).sum(1) for i in range(1, len(classes["shape"]))] or [np.zeros(len(m), int)], 1)
-    # The object covering most of the token, once it covers COVER of it; else background (0).
-    obj = np.where(counts.max(1) >= COVER * unit * unit, counts.argmax(1) + 1, 0)
-    out = {k: torch.as_tensor(np.asarray(v)[obj], dtype=torch.long) for k, v in classes.items()}
-
-    def token_at(cx: float, cy: float) -> int:
-        return min(gh - 1, int(cy / h * gh)) * gw + min(gw - 1, int(cx / w * gw))
-
-    centre = np.zeros(gh * gw, np.int64)
-    for cx, cy in centres:
-        centre[token_at(cx, cy)] = 1
-    out["centre"] = torch.as_tensor(centre)
-    read = np.zeros((READ_SLOTS, gh * gw), np.int64)
-    filled = np.zeros(gh * gw, np.int64)
-    for cls, cx, cy in glyphs:  # left to right, so slot k of a token is its k-th glyph in reading order
-        t = token_at(cx, cy)
-        if filled[t] < READ_SLOTS:  # a fourth glyph in one token is left unnamed (none in 300 scenes)
-            read[filled[t], t] = cls
-            filled[t] += 1
-    for k in range(READ_SLOTS):
-        out[f"read{k}"] = torch.as_tensor(read[k])
-    rows, cols = np.meshgrid((np.arange(gh) + 0.5) / gh, (np.arange(gw) + 0.5) / gw, indexing="ij")
-    out["where"] = torch.as_tensor(np.stack([rows.ravel(), cols.ravel()], 1), dtype=torch.float32)
-    return out
 
 
 def make_batch(rng: np.random.Generator, proc, n: int, augment_p: float = 0.3, text_p: float = TEXT_P) -> dict:
@@ -196,8 +149,6 @@ def run_stage_v(model, proc, steps: int, *, batch: int = 32, lr: float = 1e-3, s
                 progress=None) -> int:
     """Train `model.visual` (all of it, mergers included) with the dense heads for `steps` steps or `budget_s`
     seconds, whichever ends first; returns the steps done. AdamW, linear warmup, cosine decay to 10 %."""
-    from .train import stage_lr
-
     heads = VisionHeads(model.cfg.vision.out_hidden_size)
     for p in model.parameters():
         p.requires_grad_(False)

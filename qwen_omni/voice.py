@@ -14,7 +14,9 @@ import io
 import re
 import shutil
 import subprocess
+import time
 import wave
+from collections.abc import Iterator
 from functools import lru_cache
 
 import numpy as np
@@ -103,3 +105,25 @@ class SentenceSpeaker:
         sentence, self.pending = self.pending, ""
         audio = synthesize(sentence, self.voice, self.speed)
         return [audio] if audio.size else []
+
+
+def speak(pieces: Iterator[str], voice: str, stats: dict, start: float) -> Iterator[str | np.ndarray]:
+    """Interleave the offline voice's audio (one chunk per finished sentence) into a text stream."""
+    speaker = SentenceSpeaker(voice)
+    synth_time, audio_seconds = 0.0, 0.0
+
+    def timed(make):
+        nonlocal synth_time, audio_seconds
+        t = time.perf_counter()
+        chunks = make()
+        synth_time += time.perf_counter() - t
+        for a in chunks:
+            stats.setdefault("time_to_first_audio", time.perf_counter() - start)
+            audio_seconds += a.size / SAMPLE_RATE
+        stats.update(audio_seconds=audio_seconds, real_time_factor=synth_time / audio_seconds if audio_seconds else None)
+        return chunks
+
+    for piece in pieces:
+        yield piece
+        yield from timed(lambda: speaker.push(piece))
+    yield from timed(speaker.flush)

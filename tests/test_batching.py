@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import qwen_omni
-from qwen_omni.assistant import copy_prefix
+from qwen_omni.kv_cache import copy_prefix
 from qwen_omni.batching import BatchScheduler, QueueFullError
 from qwen_omni.group_prefill import prefill_prompts
 

@@ -14,7 +14,7 @@ What is compared:
 (3) chunking: BigVGAN in chunks with its context equals one pass; the exact streaming sampler equals the whole
     decode within 1e-4; the windowed (low-latency) sampler equals it when its windows cover the utterance,
     and its seam error at a practical context is measured (it cannot be exact: see token2wav_stream25.py);
-(4) the generator APIs: codes stream while the thinker is still producing text, and `Token2Wav25.stream`
+(4) the generator APIs: codes stream while the thinker is still producing text, and `token2wav_stream25.stream`
     yields audio chunks before the last code arrives.
 """
 from __future__ import annotations
@@ -31,10 +31,10 @@ import qwen_omni  # noqa: E402
 from qwen_omni.errors import CheckpointError, InputError  # noqa: E402
 from qwen_omni.generate import make_generator  # noqa: E402
 from qwen_omni.sampling import SamplingParams  # noqa: E402
-from qwen_omni.speech_config25 import load_speakers, load_speech25  # noqa: E402
+from qwen_omni.speech_pipeline25 import load_speakers, load_speech25  # noqa: E402
 from qwen_omni.talker25 import (SPEECH_SYSTEM_PROMPT, TALKER_GREEDY, VOICES, pick_voice, speak,  # noqa: E402
                                 speech_messages)
-from qwen_omni.token2wav_stream25 import FrameNoise  # noqa: E402
+from qwen_omni.token2wav_stream25 import FrameNoise, stream  # noqa: E402
 
 from .tiny_omni import thinker_config  # noqa: E402
 
@@ -250,7 +250,7 @@ def test_exact_stream_equals_whole_decode(env, steps):
             yield c
 
     chunks, pulled_at = [], []
-    for wav in env["t2w"].stream(source(), *spk(env), noise=noise, num_steps=steps, vocoder_chunk_frames=8):
+    for wav in stream(env["t2w"], source(), *spk(env), noise=noise, num_steps=steps, vocoder_chunk_frames=8):
         chunks.append(wav)
         pulled_at.append(len(pulled))
     out = torch.cat(chunks)
@@ -269,12 +269,12 @@ def test_windowed_stream_seams(env):
     noise = FrameNoise(torch.Generator().manual_seed(9), 80)
     ref = whole(env, codes, noise, steps=4)
     t2w = env["t2w"]
-    covering = torch.cat(list(t2w.stream(iter(codes), *spk(env), noise=noise, num_steps=4, exact=False,
+    covering = torch.cat(list(stream(t2w, iter(codes), *spk(env), noise=noise, num_steps=4, exact=False,
                                          chunk_codes=8, left_codes=40, right_codes=40)))
     assert (covering - ref).abs().max().item() <= 1e-4  # windows spanning the utterance: exact
     errors = {}
     for ctx in (0, 2, 8):  # codes of context each side of 8-code chunks (2-code blocks)
-        out = torch.cat(list(t2w.stream(iter(codes), *spk(env), noise=noise, num_steps=4, exact=False,
+        out = torch.cat(list(stream(t2w, iter(codes), *spk(env), noise=noise, num_steps=4, exact=False,
                                         chunk_codes=8, left_codes=ctx, right_codes=ctx)))
         assert out.shape == ref.shape
         errors[ctx] = (out - ref).abs().max().item()
@@ -300,7 +300,7 @@ def test_speak_then_stream_audio(env):
 
     noise = FrameNoise(torch.Generator().manual_seed(2), 80)
     s = env["speakers"]["Ethan"]
-    chunks = list(env["t2w"].stream(code_source(), s["cond"][None], s["ref_mel"], noise=noise, num_steps=3))
+    chunks = list(stream(env["t2w"], code_source(), s["cond"][None], s["ref_mel"], noise=noise, num_steps=3))
     assert text and codes and all(0 <= c < 8448 for c in codes)
     ref = env["t2w"](torch.tensor([codes]), s["cond"][None], s["ref_mel"], noise=noise.get(0, 2 * len(codes)),
                      num_steps=3)[0]

@@ -29,7 +29,8 @@ from qwen_omni.models import build_model  # noqa: E402
 from qwen_omni.omni_config import ThinkerConfig  # noqa: E402
 from qwen_omni.positions import RopeSpec, rope_index  # noqa: E402
 from qwen_omni.speech_config import Code2WavConfig  # noqa: E402
-from qwen_omni.talker3 import PREDICTOR_GREEDY, TALKER_GREEDY, load_speech3  # noqa: E402
+from qwen_omni.speech_pipeline3 import load_speech3  # noqa: E402
+from qwen_omni.talker3 import PREDICTOR_GREEDY, TALKER_GREEDY  # noqa: E402
 from tests.tiny_omni import (Q3_AUDIO, Q3_CODE2WAV, Q3_TALKER, Q3_TEXT, Q3_VISION, init_stacked_experts,  # noqa: E402
                              part)
 

@@ -69,7 +69,7 @@ def spoken(a, messages, max_new_tokens, stats=None, **kw):
     audio = [e for e in events if not isinstance(e, str)]
     assert all(x.dtype == np.float32 and x.ndim == 1 and x.size for x in audio)
     return (events, "".join(e for e in events if isinstance(e, str)),
-            np.concatenate(audio) if audio else np.zeros(0, np.float32), a.speech.engine.record_codes[-1])
+            np.concatenate(audio) if audio else np.zeros(0, np.float32), a.speech.pipeline.record_codes[-1])
 
 
 def audio_before_last_text(events) -> bool:
@@ -86,7 +86,7 @@ def test_qwen3_streams_audio_during_the_text_and_equals_the_whole_decode(q3):
     assert stats["completion_tokens"] == 24 and stats["speech"] == "talker" and stats["voice"] == "Ethan"
     assert audio_before_last_text(events), ["t" if isinstance(e, str) else "a" for e in events]
     assert len(codes) == 32
-    whole = a.speech.engine.vocoder(torch.stack(codes, dim=1)[None])[0, 0].numpy()
+    whole = a.speech.pipeline.vocoder(torch.stack(codes, dim=1)[None])[0, 0].numpy()
     assert audio.shape == whole.shape and float(whole.std()) > 0.02  # a real signal
     assert np.abs(audio - whole).max() < 1e-4
     assert 0 < stats["time_to_first_audio"] < stats["total_time"]  # heard before the thinker was done
@@ -155,12 +155,12 @@ def test_qwen3_follow_up_turn_reuses_the_prefix_exactly(q3):
 
 def test_qwen25_streams_and_matches_speak_and_the_whole_decode(q25):
     from qwen_omni.generate import make_generator
-    from qwen_omni.speech import persona_in_first_user_turn
+    from qwen_omni.speech_pipeline25 import persona_in_first_user_turn
     from qwen_omni.talker25 import TALKER_GREEDY, speak
     from qwen_omni.token2wav_stream25 import FrameNoise
 
     a = greedy_assistant(q25["dir"], seconds=2.0)  # 100 codes
-    e = a.speech.engine
+    e = a.speech.pipeline
     events, text, audio, codes = spoken(a, QUESTION, max_new_tokens=60, seed=5)
     assert audio_before_last_text(events), ["t" if isinstance(x, str) else "a" for x in events]
     assert len(codes) == 100 and audio.size == 100 * e.token2wav.samples_per_code
@@ -184,7 +184,7 @@ def test_qwen25_streams_and_matches_speak_and_the_whole_decode(q25):
 
 
 def test_qwen25_speech_prompt_and_persona():
-    from qwen_omni.speech import persona_in_first_user_turn
+    from qwen_omni.speech_pipeline25 import persona_in_first_user_turn
     from qwen_omni.talker25 import SPEECH_SYSTEM_PROMPT
 
     out = persona_in_first_user_turn([{"role": "system", "content": "You are a pirate."}, *QUESTION])
@@ -202,7 +202,7 @@ def test_lazy_loading_voices_and_disabling(q3, q25):
     a = qwen_omni.load(q3["dir"], device="cpu", dtype="float32")
     assert a.speech.family == "qwen3" and not a.speech.loaded
     a.chat(QUESTION, max_new_tokens=4)
-    assert a.speech.engine is None and not any("talker" in n or "code2wav" in n for n, _ in a.model.named_modules())
+    assert a.speech.pipeline is None and not any("talker" in n or "code2wav" in n for n, _ in a.model.named_modules())
     assert a.speech.voices == ["Ethan", "Aiden", "Chelsie"]
     with pytest.raises(InputError, match="Aiden, Chelsie"):
         a.chat(QUESTION, speech=True, voice="Nobody", stream=True)

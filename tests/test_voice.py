@@ -54,7 +54,7 @@ def test_unknown_voice_is_a_clear_error():
 def test_first_audio_is_yielded_before_the_text_ends():
     import time
 
-    from qwen_omni.assistant import speak
+    from qwen_omni.voice import speak
 
     def text():
         yield "The circle is red. "
