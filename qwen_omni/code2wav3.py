@@ -31,7 +31,7 @@ from torch import nn
 
 from encoders.common import RMSNorm
 
-from .moe import MLP
+from .layers import MLP
 from .rope import Rotary, apply_rotary
 from .speech_config import Code2WavConfig
 from .vocoder_layers import SnakeBeta as PointwiseSnakeBeta

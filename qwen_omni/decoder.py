@@ -10,7 +10,7 @@ CPU decode speed: besides its matrix products a decode step runs ~40 small ops p
 counts next to memory bandwidth. Without changing float32 results (bit for bit): RMSNorm through the fused
 `F.rms_norm` (4 ops, not 8); cos/sin shaped and sign-folded once per forward rather than per layer and per q/k;
 the KV cache's write position planned once per forward (`KVCache.begin`); no mask on a decode step. The linear
-layers are `moe.Linear`: one bfloat16 row goes through torch's faster GEMV kernel (same math; it gave the same
+layers are `layers.Linear`: one bfloat16 row goes through torch's faster GEMV kernel (same math; it gave the same
 bits as before on the tiny test models and on the 0.6B shape, but a GEMV may sum in its own order).
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ from encoders.common import RMSNorm as _RMSNorm
 from .config import TextConfig
 from .group_prefill import Prompt, prefill_prompts
 from .kv_cache import KVCache
-from .moe import MLP, Linear, SparseMoE
+from .layers import MLP, Linear
+from .moe import SparseMoE
 from .rope import Rotary
 
 

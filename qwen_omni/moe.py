@@ -13,104 +13,18 @@ Anything with `num_experts` and `run(e, x)` can stand in for `Experts` (e.g. `qu
 `run_groups(xs, sizes)` for the whole sorted batch).
 An optional shared expert with a sigmoid gate is added (the Qwen3-Omni talker).
 `forward_reference` is the slow per-expert loop used by the tests as ground truth.
-
-`Linear` / `linear` (used by the whole decoder): nn.Linear, with the CPU kernel picked for the decode step.
-- float32: torch sends it to MKL's GEMM, which on AMD CPUs runs a slow generic path: on an AMD EPYC (AVX512) a
-  151936x1024 lm_head row took 36 ms (17 GB/s, one thread's worth) and 8 rows 107 ms; oneDNN's
-  `mkldnn::_linear_pointwise` on the same plain weight took 20 and 36 ms (1.0x-3x faster on every matrix of
-  >= 2^18 weights, 1-512 rows). Below that size its ~20 us call overhead loses to MKL (7 vs 27 us on 256x256).
-  On an Intel Xeon, where MKL has no slow path, MKL still won at 2^18 (the embedded model's 1024x256 lm_head: 17
-  vs 27 us on 1 row, 41 vs 85 us on 8) and oneDNN from about 2^22 (4096x1024: 553 vs 594 us). So only weights of
-  at least 2^20 go there (`ONEDNN_MIN_WEIGHTS`; on AMD, matrices of 2^18-2^20 weights go back to MKL, a range
-  where the AMD gain was not measured apart), and only without autograd (it has no backward).
-  bfloat16 `F.linear` already runs on oneDNN.
-- one bfloat16 row may run as `torch.mv`: on one AVX512-BF16 machine torch's GEMV kernel was 1.3-1.4x faster per
-  weight than oneDNN (8.7 vs 6.5 G weights/s on the 0.6B's matrices); on an AMD EPYC it was 2-4x *slower*
-  (2.9 vs 11.8 G weights/s on 2048x2048). So `gemv_wins()` times both once per process (a few ms). A bias goes
-  in through `addmv` (rounded once, like the fused GEMM). fp16 `mv` is slower: fp16 keeps `F.linear`.
 """
 from __future__ import annotations
 
 import itertools
-import platform
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import MLP, Linear, linear, needs_autograd
 
 _GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch only; see SparseMoE._grouped_kernel
-ONEDNN_MIN_WEIGHTS = 1 << 20  # float32 weights at least this big use oneDNN on x86 CPUs (see the module docstring)
-# x86 builds of torch ship oneDNN; elsewhere (ARM) it may be absent or built on another backend: keep F.linear.
-_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-_onednn_linear = torch.ops.mkldnn._linear_pointwise if _ONEDNN else None  # (x (..., K), w (N, K), bias, ...)
-
-
-_GEMV_WINS: bool | None = None
-
-
-def gemv_wins() -> bool:
-    """Whether `torch.mv` beats `F.linear` for one bf16 row on this CPU (timed once, on a 1024x1024 matrix)."""
-    global _GEMV_WINS
-    if _GEMV_WINS is None:
-        g = torch.Generator().manual_seed(0)  # never the global RNG: callers' seeded streams stay as they were
-        w = torch.randn(1024, 1024, generator=g).to(torch.bfloat16)
-        v = torch.randn(1024, generator=g).to(torch.bfloat16)
-
-        def best(f) -> float:
-            f()
-            times = []
-            for _ in range(5):
-                t = time.perf_counter()
-                for _ in range(4):
-                    f()
-                times.append(time.perf_counter() - t)
-            return min(times)
-
-        _GEMV_WINS = best(lambda: torch.mv(w, v)) < 0.9 * best(lambda: F.linear(v[None], w))
-    return _GEMV_WINS
-
-
-def needs_autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a product of x and weight must record a backward (oneDNN's `_linear_pointwise` has none)."""
-    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x (..., K), weight (N, K), through the faster CPU kernel for the case (module
-    docstring): oneDNN for big float32 weights at inference, the GEMV kernel for one bf16 row where it wins."""
-    # Same dtypes only: under CPU autocast (training with --bf16) the weight stays fp32 and F.linear casts.
-    if x.device.type == "cpu" and x.dtype == weight.dtype:
-        if x.dtype == torch.float32 and _onednn_linear is not None and weight.numel() >= ONEDNN_MIN_WEIGHTS \
-                and weight.is_contiguous() and not needs_autograd(x, weight):
-            return _onednn_linear(x, weight, bias, "none", [], "")  # "none": no fused activation
-        if x.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and gemv_wins():
-            v = x.reshape(-1)
-            y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)  # bias inside: one rounding
-            return y.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same names) computed by `linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, hidden: int, inter: int, bias: bool = False):
-        super().__init__()
-        self.gate_proj = Linear(hidden, inter, bias=bias)
-        self.up_proj = Linear(hidden, inter, bias=bias)
-        self.down_proj = Linear(inter, hidden, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Experts(nn.Module):

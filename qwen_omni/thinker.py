@@ -25,7 +25,7 @@ from .decoder import TextModel
 from .errors import InputError
 from .group_prefill import Prompt, prefill_prompts
 from .kv_cache import KVCache
-from .moe import Linear
+from .layers import Linear
 from .omni_config import ThinkerConfig
 
 

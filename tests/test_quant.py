@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen_omni import layers
 from qwen_omni import moe as moe_mod
 from qwen_omni.models import build_model
 from qwen_omni.moe import SparseMoE
@@ -217,48 +218,44 @@ def test_int8_thinker_through_load(tmp_path):
 def test_bf16_single_row_linear_either_kernel(monkeypatch, gemv):
     """`linear` picks torch.mv or F.linear for one bf16 row by timing them (`gemv_wins`); both give F.linear's
     result to bf16 rounding, with and without a bias."""
-    from qwen_omni import moe
-
-    assert isinstance(moe.gemv_wins(), bool)
-    monkeypatch.setattr(moe, "_GEMV_WINS", gemv)
+    assert isinstance(layers.gemv_wins(), bool)
+    monkeypatch.setattr(layers, "_GEMV_WINS", gemv)
     g = torch.Generator().manual_seed(7)
     w = torch.randn(96, 64, generator=g).to(torch.bfloat16)
     b = torch.randn(96, generator=g).to(torch.bfloat16)
     x = torch.randn(1, 1, 64, generator=g).to(torch.bfloat16)
     for bias in (None, b):
         ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
-        out = moe.linear(x, w, bias)
+        out = layers.linear(x, w, bias)
         assert out.shape == (1, 1, 96) and out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.05)
 
 
 def test_float32_big_weight_linear_uses_onednn_at_inference(monkeypatch):
-    """Big float32 weights go through oneDNN (`moe._ONEDNN`, x86) without autograd and give F.linear's result to
+    """Big float32 weights go through oneDNN (`layers._ONEDNN`, x86) without autograd and give F.linear's result to
     float32 rounding for 1 row, a batch of rows, a non-contiguous input and a bias; with autograd they stay on
     F.linear (oneDNN's op has no backward) and the gradient flows."""
-    from qwen_omni import moe
-
     calls = []
-    real = moe._onednn_linear
+    real = layers._onednn_linear
     if real is not None:
-        monkeypatch.setattr(moe, "_onednn_linear", lambda *args: calls.append(args[0].shape) or real(*args))
+        monkeypatch.setattr(layers, "_onednn_linear", lambda *args: calls.append(args[0].shape) or real(*args))
     g = torch.Generator().manual_seed(3)
     w = torch.randn(2048, 512, generator=g)  # 2^20 weights >= ONEDNN_MIN_WEIGHTS
     b = torch.randn(2048, generator=g)
-    assert w.numel() >= moe.ONEDNN_MIN_WEIGHTS
+    assert w.numel() >= layers.ONEDNN_MIN_WEIGHTS
     for x in (torch.randn(1, 512, generator=g), torch.randn(3, 1, 512, generator=g),
               torch.randn(8, 1024, generator=g)[:, ::2]):
         for bias in (None, b):
-            torch.testing.assert_close(moe.linear(x, w, bias), torch.nn.functional.linear(x, w, bias),
+            torch.testing.assert_close(layers.linear(x, w, bias), torch.nn.functional.linear(x, w, bias),
                                        rtol=1e-5, atol=1e-4)
     n = 6 if real is not None else 0
     assert len(calls) == n
     x = torch.randn(2, 512, generator=g, requires_grad=True)
-    moe.linear(x, w).sum().backward()  # F.linear: oneDNN's op would raise here
+    layers.linear(x, w).sum().backward()  # F.linear: oneDNN's op would raise here
     torch.testing.assert_close(x.grad, w.sum(0).expand(2, -1), rtol=1e-5, atol=1e-4)
     assert len(calls) == n
     small = torch.randn(64, 64, generator=g)  # below the threshold: F.linear (oneDNN's call overhead loses there)
-    moe.linear(torch.randn(1, 64, generator=g), small)
+    layers.linear(torch.randn(1, 64, generator=g), small)
     assert len(calls) == n
 
 

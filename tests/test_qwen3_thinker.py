@@ -294,11 +294,11 @@ def test_logits_match_transformers(omni, case):
 
 @pytest.mark.parametrize("case", ["image", "two_turn"])
 def test_logits_match_transformers_with_onednn_everywhere(omni, case, monkeypatch):
-    """The tiny checkpoint's matrices are below `moe.ONEDNN_MIN_WEIGHTS`; with the threshold at 0 every float32
+    """The tiny checkpoint's matrices are below `layers.ONEDNN_MIN_WEIGHTS`; with the threshold at 0 every float32
     decoder product (and the lm_head) takes the oneDNN kernel that big checkpoints use on x86 (a no-op elsewhere)."""
-    from qwen_omni import moe
+    from qwen_omni import layers
 
-    monkeypatch.setattr(moe, "ONEDNN_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(layers, "ONEDNN_MIN_WEIGHTS", 0)
     assert max_logit_delta(omni, case) <= ATOL
 
 
