@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .synthetic import TASKS, make_sample, normalize_answer, text_parts
+from .synthetic.tasks import TASKS, make_sample, normalize_answer, text_parts
 
 # Issue targets (per cent); tasks not listed are reported without a target.
 TARGETS = {"colour": 95, "shape": 95, "count": 90, "position": 90, "number": 85, "beep_count": 90, "pitch": 95,
@@ -32,8 +32,8 @@ DEFAULT_N = 200
 
 def robust_sample(sample, seed: int):
     """Apply one robustness transform to each media part (deterministic in seed)."""
-    from . import synthetic_audio as sa
-    from . import synthetic_media as sm
+    from .synthetic import audio as sa
+    from .synthetic import media as sm
 
     rng = np.random.default_rng((seed, 4242))
     kinds = []

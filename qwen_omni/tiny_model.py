@@ -26,7 +26,7 @@ from torch import nn
 from .omni_config import ThinkerConfig
 from .models import build_model
 from .processor import Processor, ProcessorConfig
-from .synthetic import TASKS, make_sample, text_parts
+from .synthetic.tasks import TASKS, make_sample, text_parts
 from .thinker import Thinker
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",

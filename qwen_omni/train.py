@@ -10,7 +10,7 @@ Stages (from scratch): (v), with --steps-v, dense per-token training of the visi
 (`qwen_omni.train_vision`: what shape, colour, character lies under each vision token, and where that token is);
 (a) alignment - captions of images/videos and transcripts of audio, so the encoders and
 their projectors learn to put what they see and hear into words; (b) instruction tuning on the full Q&A mix
-(every task of `qwen_omni.synthetic`, held-out wording never used). The decoder is trained from scratch too,
+(every task of `qwen_omni.synthetic.tasks`, held-out wording never used). The decoder is trained from scratch too,
 so stage (a) trains all parameters by default (`--train-a`); with a pretrained decoder pass
 `--train-a encoders` to keep it frozen.
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .decoder import rotate
-from .synthetic_labels import object_mask, token_labels
+from .synthetic.labels import object_mask, token_labels
 
 
 def parse_heads(spec: str, n_layers: int) -> dict[int, list[int]]:

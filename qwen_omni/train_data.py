@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from . import tiny_model as tm
-from .synthetic import iter_samples
-from . import synthetic_audio as sa
-from . import synthetic_media as sm
+from .synthetic.tasks import iter_samples
+from .synthetic import audio as sa
+from .synthetic import media as sm
 from .omni_config import ThinkerConfig
 from .tokenizer import Tokenizer
 from .train_binding import targets

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from . import synthetic_media as sm
-from .synthetic import number_text
-from .synthetic_labels import CHARS, READ_SLOTS, object_mask, token_labels
+from .synthetic import media as sm
+from .synthetic.tasks import number_text
+from .synthetic.labels import CHARS, READ_SLOTS, object_mask, token_labels
 from .train_schedule import stage_lr
 
 HEADS = {"shape": 1 + len(sm.SHAPES), "colour": 1 + len(sm.COLORS), "char": 1 + len(CHARS), "centre": 2,

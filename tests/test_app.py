@@ -213,9 +213,9 @@ def answer_of(history) -> str:
 
 def answer_kind(kind: str) -> set[str]:
     """Every normalised answer of a kind: numbers, colours, spoken words or motions."""
-    from qwen_omni import synthetic_audio as sa
-    from qwen_omni import synthetic_media as sm
-    from qwen_omni.synthetic import normalize_answer
+    from qwen_omni.synthetic import audio as sa
+    from qwen_omni.synthetic import media as sm
+    from qwen_omni.synthetic.tasks import normalize_answer
 
     words = {"number": [str(i) for i in range(1000)], "colour": sm.COLORS, "motion": sm.MOTIONS,
              "spoken_word": sa.SPOKEN_WORDS}[kind]
@@ -244,7 +244,7 @@ def test_text_turns_stream_and_reuse(client):
                                            ("moving.mp4", "Which way"), ("moving.mp4", "How many beeps")])
 def test_media_questions_on_the_examples(client, name, question):
     """Each example we ship, as a user sends it: the media is encoded and the embedded model answers it."""
-    from qwen_omni.synthetic import normalize_answer
+    from qwen_omni.synthetic.tasks import normalize_answer
 
     ex = example(name, question)
     history = ask(client, ex["text"], files=[EXAMPLES / name],

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from qwen_omni import synthetic_audio as sa
-from qwen_omni import synthetic_media as sm
-from qwen_omni.synthetic import TASKS, Sample, iter_samples, make_sample, normalize_answer, text_parts
-from qwen_omni.synthetic_templates import CHITCHAT, REFUSAL_PROMPTS, TEMPLATES, TRAIN_PREFIXES, TRAIN_SUFFIXES
+from qwen_omni.synthetic import audio as sa
+from qwen_omni.synthetic import media as sm
+from qwen_omni.synthetic.tasks import TASKS, Sample, iter_samples, make_sample, normalize_answer, text_parts
+from qwen_omni.synthetic.templates import CHITCHAT, REFUSAL_PROMPTS, TEMPLATES, TRAIN_PREFIXES, TRAIN_SUFFIXES
 
 needs_espeak = pytest.mark.skipif(sa.ESPEAK is None,
                                   reason="espeak-ng CLI not installed (apt-get install espeak-ng)")

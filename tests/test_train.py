@@ -20,7 +20,7 @@ from PIL import Image
 from qwen_omni import tiny_model as tm
 from qwen_omni import train as T
 from qwen_omni import train_data as D
-from qwen_omni.synthetic import make_sample
+from qwen_omni.synthetic.tasks import make_sample
 
 TASKS_MIX = ("colour", "beep_count", "video_beeps", "followup")
 
@@ -272,7 +272,7 @@ def test_same_command_same_run(tmp_path, monkeypatch):
 
 
 def _small_corpus():
-    from qwen_omni.synthetic_templates import CHITCHAT
+    from qwen_omni.synthetic.templates import CHITCHAT
 
     return [tm.SYSTEM_PROMPT, "What color is the red one? 0123456789 top left beeps"] + [
         a for _, a in CHITCHAT.values()]
@@ -381,9 +381,9 @@ def test_shipped_model_answers_uploaded_files(shipped, tmp_path):
     """Real uploads: a PNG and a JPEG, a WAV and an MP3, an MP4 with sound - decoded by the processor."""
     import av
 
-    from qwen_omni import synthetic_audio as sa
-    from qwen_omni import synthetic_media as sm
-    from qwen_omni.synthetic import normalize_answer
+    from qwen_omni.synthetic import audio as sa
+    from qwen_omni.synthetic import media as sm
+    from qwen_omni.synthetic.tasks import normalize_answer
 
     s = make_sample("colour", 3, "heldout")
     img = s.messages[0]["content"][0]["image"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen_omni import decoder as Dec
-from qwen_omni import synthetic as S
+from qwen_omni.synthetic import tasks as S
 from qwen_omni import tiny_model as tm
 from qwen_omni import train_data as D
 from qwen_omni.train_binding import BindingLoss, parse_heads

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from qwen_omni import synthetic_media as sm
+from qwen_omni.synthetic import media as sm
 from qwen_omni import tiny_model as tm
 from qwen_omni import train as T
 from qwen_omni import train_vision as V

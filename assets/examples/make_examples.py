@@ -18,8 +18,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from qwen_omni import synthetic_audio as sa  # noqa: E402
-from qwen_omni import synthetic_media as sm  # noqa: E402
+from qwen_omni.synthetic import audio as sa  # noqa: E402
+from qwen_omni.synthetic import media as sm  # noqa: E402
 from qwen_omni.voice import wav_bytes  # noqa: E402
 
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from qwen_omni.synthetic_media import COLORS, SHAPES, SR, _decode_audio, _mux_audio
+from qwen_omni.synthetic.media import COLORS, SHAPES, SR, _decode_audio, _mux_audio
 
 ESPEAK = shutil.which("espeak-ng")
 DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -19,9 +19,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from qwen_omni import synthetic_audio as sa
-from qwen_omni import synthetic_media as sm
-from qwen_omni.synthetic_templates import (CAPABILITIES, CHITCHAT, REFUSAL, REFUSAL_PROMPTS, TEMPLATES,
+from qwen_omni.synthetic import audio as sa
+from qwen_omni.synthetic import media as sm
+from qwen_omni.synthetic.templates import (CAPABILITIES, CHITCHAT, REFUSAL, REFUSAL_PROMPTS, TEMPLATES,
                                            TRAIN_PREFIXES, TRAIN_SUFFIXES)
 
 TASKS: tuple[str, ...] = (

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from . import synthetic_media as sm
+from . import media as sm
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 READ_SLOTS = 3  # glyphs per token that the reading heads name (18 px text: ~10 px glyphs in a 32 px token)
