@@ -28,7 +28,7 @@ logits are nearly flat, so greedy agreement is a weak (pessimistic) signal; max 
 A run on the idle machine (2 cores, 22 GB/s; 166 s in all): dense decode HF bf16 8.6 tok/s, ours bf16 9.9
 (1.14x), fp16 8.3, int8 12.9 (1.49x); MoE / dense_eq time 1.25 (bf16), 1.11 (int8). Repeated runs move each
 number by ~15%. The 2x-over-transformers goal is out of reach for int8 *weight-only* with torch's kernels: the
-int8 GEMV is compute-bound at ~11.5 G weights/s on 2 cores (see qwen_omni/quant.py), so the 0.6B's 596 M weights
+int8 GEMV is compute-bound at ~11.5 G weights/s on 2 cores (see qwen_omni/models/quant.py), so the 0.6B's 596 M weights
 per token take >= 52 ms however little else a step does (<= ~19 tok/s).
 """
 from __future__ import annotations
@@ -130,8 +130,8 @@ def run_theirs(path: str, dtype: torch.dtype, ids: torch.Tensor, n: int):
 
 
 def run_ours(path: str, dtype: torch.dtype, int8: bool, ids: torch.Tensor, n: int):
-    from qwen_omni.models import build_model
-    from qwen_omni.quant import quantize_int8
+    from qwen_omni.models.registry import build_model
+    from qwen_omni.models.quant import quantize_int8
 
     net, _ = build_model(Path(path), dtype, torch.device("cpu"))
     if int8:

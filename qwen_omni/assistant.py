@@ -22,13 +22,13 @@ import torch
 
 from .errors import ContextOverflowError, InputError
 from .generate import generate, make_generator
-from .kv_cache import copy_prefix
-from .loader import resolve_checkpoint
-from .models import build_model
-from .moe import SparseMoE
+from .models.kv_cache import copy_prefix
+from .models.loader import resolve_checkpoint
+from .models.registry import build_model
+from .models.moe import SparseMoE
 from .processor import build_processor
 from .prefix_cache import PrefixCache
-from .quant import quantize_int8
+from .models.quant import quantize_int8
 from .sampling import SamplingParams
 from .speech import Speech
 from .tokenizer import StreamDecoder, Tokenizer

@@ -38,8 +38,8 @@ import torch
 
 from .errors import ContextOverflowError, QwenOmniError
 from .generate import make_generator
-from .group_prefill import prefill_prompts
-from .kv_cache import copy_prefix
+from .models.group_prefill import prefill_prompts
+from .models.kv_cache import copy_prefix
 from .sampling import SamplingParams, apply_repetition_penalty, sample
 from .shared_prefix import SharedPrefixCache
 from .slot_pool import SlotPool

@@ -31,8 +31,8 @@ from torch import nn
 
 from encoders.common import RMSNorm
 
-from .layers import MLP
-from .rope import Rotary, apply_rotary
+from .models.layers import MLP
+from .models.rope import Rotary, apply_rotary
 from .speech_config import Code2WavConfig
 from .vocoder_layers import SnakeBeta as PointwiseSnakeBeta
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from . import speech_pipeline3, speech_pipeline25
 from .errors import CheckpointError, InputError
-from .loader import safetensors_files
+from .models.loader import safetensors_files
 from .speech_pipeline import Run, SpeechPipeline
 from .voice import VOICES, speak
 

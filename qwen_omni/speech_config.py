@@ -20,10 +20,10 @@ import torch
 
 from encoders.common import from_hf_dict
 
-from .config import RopeConfig, TextConfig
+from .models.config import RopeConfig, TextConfig
 from .errors import CheckpointError
-from .omni_config import ThinkerConfig
-from .positions import RopeSpec
+from .models.omni_config import ThinkerConfig
+from .models.positions import RopeSpec
 
 
 @dataclass

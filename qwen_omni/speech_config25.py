@@ -16,7 +16,7 @@ from typing import Any
 
 from encoders.common import from_hf_dict
 
-from .config import TextConfig
+from .models.config import TextConfig
 from .errors import CheckpointError
 
 DEFAULT_TALKER_MROPE = [16, 24, 24]  # transformers' fallback when rope_parameters lacks mrope_section

@@ -24,10 +24,10 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import read_config_json
+from .models.config import read_config_json
 from .errors import CheckpointError
 from .generate import make_generator
-from .loader import empty_weights, load_into, read_prefixed
+from .models.loader import empty_weights, load_into, read_prefixed
 from .speech_config25 import SpeechConfig25
 from .speech_pipeline import SpeechPipeline
 from .speech_tap import ThinkerRecorder

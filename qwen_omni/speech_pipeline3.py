@@ -14,10 +14,10 @@ from typing import Iterator
 import torch
 
 from .code2wav3 import Code2Wav3, Code2WavStream
-from .config import read_config_json
+from .models.config import read_config_json
 from .generate import make_generator
-from .loader import empty_weights, load_into, read_prefixed
-from .omni_config import ThinkerConfig
+from .models.loader import empty_weights, load_into, read_prefixed
+from .models.omni_config import ThinkerConfig
 from .sampling import SamplingParams
 from .speech_config import SpeechConfig
 from .speech_pipeline import SpeechPipeline, audio_in_video, media_of

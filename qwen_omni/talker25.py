@@ -41,11 +41,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .decoder import TextModel
+from .models.decoder import TextModel
 from .errors import InputError
 from .generate import generate, pull_stream
-from .kv_cache import KVCache
-from .positions import RopeSpec, decode_positions, rope_index
+from .models.kv_cache import KVCache
+from .models.positions import RopeSpec, decode_positions, rope_index
 from .sampling import SamplingParams, apply_repetition_penalty, sample
 from .speech_config25 import TalkerConfig25
 

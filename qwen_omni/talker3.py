@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TextConfig
-from .decoder import TextModel
+from .models.config import TextConfig
+from .models.decoder import TextModel
 from .errors import InputError
 from .generate import pull_stream
-from .kv_cache import KVCache
-from .positions import decode_positions, rope_index
+from .models.kv_cache import KVCache
+from .models.positions import decode_positions, rope_index
 from .sampling import SamplingParams, apply_repetition_penalty, sample
 from .speech_config import SpeechConfig
 

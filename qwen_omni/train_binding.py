@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .decoder import rotate
+from .models.decoder import rotate
 from .synthetic.labels import object_mask, token_labels
 
 

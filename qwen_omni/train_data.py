@@ -20,7 +20,7 @@ from . import tiny_model as tm
 from .synthetic.tasks import iter_samples
 from .synthetic import audio as sa
 from .synthetic import media as sm
-from .omni_config import ThinkerConfig
+from .models.omni_config import ThinkerConfig
 from .tokenizer import Tokenizer
 from .train_binding import targets
 

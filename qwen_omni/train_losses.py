@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .train_data import IGNORE
-from .moe import SparseMoE
+from .models.moe import SparseMoE
 
 
 class RouterLogits:

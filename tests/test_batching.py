@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import qwen_omni
-from qwen_omni.kv_cache import copy_prefix
+from qwen_omni.models.kv_cache import copy_prefix
 from qwen_omni.batching import BatchScheduler, QueueFullError
-from qwen_omni.group_prefill import prefill_prompts
+from qwen_omni.models.group_prefill import prefill_prompts
 
 from .serve_utils import omni_model_dir, png_bytes, wav_bytes
 from .tiny_text import make_checkpoint

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import qwen_omni
-from qwen_omni.config import RopeConfig
+from qwen_omni.models.config import RopeConfig
 from qwen_omni.errors import CheckpointError, ContextOverflowError
-from qwen_omni.rope import Rotary
+from qwen_omni.models.rope import Rotary
 from qwen_omni.sampling import SamplingParams, sample
 from qwen_omni.tokenizer import StreamDecoder, Tokenizer
 

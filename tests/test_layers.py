@@ -20,7 +20,7 @@ LAYERS = {
     "qwen_omni.errors": 0,
     "encoders": 0,
     "qwen_omni.synthetic.tasks": 0,
-    "qwen_omni.models": 1,
+    "qwen_omni.models.registry": 1,
     "qwen_omni.engine": 2,
     "qwen_omni.speech": 3,
     "qwen_omni.assistant": 4,

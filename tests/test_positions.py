@@ -1,4 +1,4 @@
-"""TMRoPE positions (qwen_omni.positions) compared with transformers 5.24 `get_rope_index`, for both families.
+"""TMRoPE positions (qwen_omni.models.positions) compared with transformers 5.24 `get_rope_index`, for both families.
 
 The HF reference models are tiny thinkers built from configs, as in /work/shared/reference/tiny_hf_probe.py.
 `get_rope_index` reads only the config. Prompts are built with our placeholder helpers. The audio-in-video
@@ -26,7 +26,7 @@ from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import Qwen3Om
 
 from qwen_omni.errors import InputError  # noqa: E402
 from tests.tiny_omni import Q3_AUDIO, Q3_TEXT, Q3_VISION, part  # noqa: E402
-from qwen_omni.positions import (RopeSpec, audio_in_video_tokens, audio_tokens, decode_positions,  # noqa: E402
+from qwen_omni.models.positions import (RopeSpec, audio_in_video_tokens, audio_tokens, decode_positions,  # noqa: E402
                                  rope_index, vision_tokens)
 
 VISION_BOS, VISION_EOS = 151652, 151653

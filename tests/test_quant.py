@@ -1,4 +1,4 @@
-"""Int8 weight-only quantization (qwen_omni/quant.py) and the single-token MoE path (qwen_omni/moe.py).
+"""Int8 weight-only quantization (qwen_omni/models/quant.py) and the single-token MoE path (qwen_omni/models/moe.py).
 
 Error budget for the int8 model test. Per-output-channel symmetric rounding leaves each weight within half a
 step s/2 = max|w_row|/254 of its value: a uniform error of std s/sqrt(12). For the tiny checkpoints' Gaussian rows
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen_omni import layers
-from qwen_omni import moe as moe_mod
-from qwen_omni.models import build_model
-from qwen_omni.moe import SparseMoE
-from qwen_omni.quant import GEMM_ROWS, Int8Experts, Int8Linear, quantize_int8, quantize_rows
+from qwen_omni.models import layers
+from qwen_omni.models import moe as moe_mod
+from qwen_omni.models.registry import build_model
+from qwen_omni.models.moe import SparseMoE
+from qwen_omni.models.quant import GEMM_ROWS, Int8Experts, Int8Linear, quantize_int8, quantize_rows
 
 from .tiny_text import make_checkpoint
 

@@ -12,7 +12,7 @@
       /work/shared/reference/tiny_hf_probe.py), and video prompts are checked against a reference assembled
       from the documented formulas instead: frames sized so that no resize happens, normalised as
       (x - 255·mean) / (255·std) and patchified into the (t, block, in-block) row layout, grid (T/2, H/16, W/16),
-      2/fps seconds per grid, placeholders from `qwen_omni.positions` (`vision_tokens`, `audio_in_video_tokens`,
+      2/fps seconds per grid, placeholders from `qwen_omni.models.positions` (`vision_tokens`, `audio_in_video_tokens`,
       whose layouts tests/test_positions.py checks against the processors' own code). Position ids and rope
       deltas of every case are compared with the HF model's `get_rope_index`. The Qwen3 processor pads audio
       only to the longest clip of the prompt (padding=True, truncation=False), as we do: masks and valid frames
@@ -43,7 +43,7 @@ from transformers.processing_utils import OmniModalProcessorMixin  # noqa: E402
 
 import qwen_omni.assistant as assistant_module  # noqa: E402
 from qwen_omni.assistant import count_parameters, load  # noqa: E402
-from qwen_omni.positions import RopeSpec, audio_in_video_tokens, vision_tokens  # noqa: E402
+from qwen_omni.models.positions import RopeSpec, audio_in_video_tokens, vision_tokens  # noqa: E402
 from qwen_omni.prefix_cache import PrefixCache  # noqa: E402
 from qwen_omni.tokenizer import StreamDecoder  # noqa: E402
 from tests.tiny_omni import TOKENS, make_thinker  # noqa: E402
@@ -296,7 +296,7 @@ def test_logits_match_transformers(omni, case):
 def test_logits_match_transformers_with_onednn_everywhere(omni, case, monkeypatch):
     """The tiny checkpoint's matrices are below `layers.ONEDNN_MIN_WEIGHTS`; with the threshold at 0 every float32
     decoder product (and the lm_head) takes the oneDNN kernel that big checkpoints use on x86 (a no-op elsewhere)."""
-    from qwen_omni import layers
+    from qwen_omni.models import layers
 
     monkeypatch.setattr(layers, "ONEDNN_MIN_WEIGHTS", 0)
     assert max_logit_delta(omni, case) <= ATOL
@@ -439,9 +439,9 @@ def hand_count(raw: dict) -> tuple[int, int]:
 def test_released_30b_a3b_config_builds_on_meta_and_counts_parameters():
     from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
 
-    from qwen_omni.loader import empty_weights
-    from qwen_omni.omni_config import ThinkerConfig
-    from qwen_omni.thinker import Thinker
+    from qwen_omni.models.loader import empty_weights
+    from qwen_omni.models.omni_config import ThinkerConfig
+    from qwen_omni.models.thinker import Thinker
 
     raw = json.loads(json.dumps(Q3_OMNI_30B_A3B))  # as read from config.json
     cfg = ThinkerConfig.parse(raw)

@@ -223,7 +223,7 @@ def test_bigvgan_chunks_with_context_equal_one_pass(env):
     for chunk in (5, 16):
         assert (t2w.vocode(mel, chunk_frames=chunk) - one).abs().max().item() <= 1e-5
     from qwen_omni.bigvgan25 import BigVGAN25
-    from qwen_omni.loader import empty_weights
+    from qwen_omni.models.loader import empty_weights
     from qwen_omni.speech_config25 import BigVGANConfig25
 
     with empty_weights():

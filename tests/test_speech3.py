@@ -24,10 +24,10 @@ import pytest
 import torch
 
 from qwen_omni.code2wav3 import Code2Wav3  # noqa: E402
-from qwen_omni.loader import empty_weights  # noqa: E402
-from qwen_omni.models import build_model  # noqa: E402
-from qwen_omni.omni_config import ThinkerConfig  # noqa: E402
-from qwen_omni.positions import RopeSpec, rope_index  # noqa: E402
+from qwen_omni.models.loader import empty_weights  # noqa: E402
+from qwen_omni.models.registry import build_model  # noqa: E402
+from qwen_omni.models.omni_config import ThinkerConfig  # noqa: E402
+from qwen_omni.models.positions import RopeSpec, rope_index  # noqa: E402
 from qwen_omni.speech_config import Code2WavConfig  # noqa: E402
 from qwen_omni.speech_pipeline3 import load_speech3  # noqa: E402
 from qwen_omni.talker3 import PREDICTOR_GREEDY, TALKER_GREEDY  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import qwen_omni
-from qwen_omni.kv_cache import KVCache
+from qwen_omni.models.kv_cache import KVCache
 
 from .tiny_text import make_checkpoint
 

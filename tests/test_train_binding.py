@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen_omni import decoder as Dec
+from qwen_omni.models import decoder as Dec
 from qwen_omni.synthetic import tasks as S
 from qwen_omni import tiny_model as tm
 from qwen_omni import train_data as D

@@ -16,7 +16,7 @@ from encoders.qwen25_audio import Qwen25AudioConfig
 from encoders.qwen25_vision import Qwen25VisionConfig
 
 from .config import TextConfig
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 FULL_TYPES = {"qwen2_5_omni": "qwen2_5_omni_thinker", "qwen3_omni_moe": "qwen3_omni_moe_thinker"}
 THINKER_TYPES = set(FULL_TYPES.values())

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError
 
 
 @dataclass(frozen=True)

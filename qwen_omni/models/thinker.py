@@ -22,7 +22,7 @@ from encoders.qwen25_audio import Qwen25AudioEncoder
 from encoders.qwen25_vision import Qwen25VisionEncoder
 
 from .decoder import TextModel
-from .errors import InputError
+from ..errors import InputError
 from .group_prefill import Prompt, prefill_prompts
 from .kv_cache import KVCache
 from .layers import Linear

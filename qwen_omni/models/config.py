@@ -16,7 +16,7 @@ from typing import Any
 
 from encoders.common import from_hf_dict
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # Families whose attention projections carry q/k/v biases regardless of `attention_bias` (Qwen2 layout).
 QKV_BIAS_FAMILIES = {"qwen2", "qwen2_5_omni_text", "qwen2_5_omni_thinker", "qwen2_5_omni",
