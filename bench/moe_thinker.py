@@ -112,8 +112,8 @@ def run_transformers(model, inputs: dict, n: int, warm_up: bool) -> dict:
 
 def run_ours(assistant, messages: list[dict], n: int, warm_up: bool) -> dict:
     import qwen_omni.assistant as assistant_module
-    from qwen_omni.prefix_cache import PrefixCache
-    from qwen_omni.tokenizer import StreamDecoder
+    from qwen_omni.engine.prefix_cache import PrefixCache
+    from qwen_omni.engine.tokenizer import StreamDecoder
 
     tokens: list[int] = []
 

@@ -134,7 +134,7 @@ def reference(hf, a, family: str, tokens: int, seconds: float) -> dict:
 
 def seam_and_exact(a, run: dict, tokens: int, seconds: float) -> tuple[float, float, float | None]:
     """Qwen2.5: (max seam error, audio RMS, exact-stream TTFA) for the codes of `run`."""
-    from qwen_omni.generate import make_generator
+    from qwen_omni.engine.generate import make_generator
     from qwen_omni.token2wav_stream25 import FrameNoise
 
     e = a.speech.pipeline

@@ -21,17 +21,17 @@ import numpy as np
 import torch
 
 from .errors import ContextOverflowError, InputError
-from .generate import generate, make_generator
+from .engine.generate import generate, make_generator
 from .models.kv_cache import copy_prefix
 from .models.loader import resolve_checkpoint
 from .models.registry import build_model
 from .models.moe import SparseMoE
-from .processor import build_processor
-from .prefix_cache import PrefixCache
+from .engine.processor import build_processor
+from .engine.prefix_cache import PrefixCache
 from .models.quant import quantize_int8
-from .sampling import SamplingParams
+from .engine.sampling import SamplingParams
 from .speech import Speech
-from .tokenizer import StreamDecoder, Tokenizer
+from .engine.tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

@@ -34,11 +34,11 @@ from typing import Any
 
 import anyio
 
-from .batching import SchedulerClosedError
+from .engine.scheduler import SchedulerClosedError
 from .engines import Job, LocalJob, Mailbox, submit_args
 from .errors import QwenOmniError
 from .openai_api import ChatRequest
-from .tokenizer import Tokenizer
+from .engine.tokenizer import Tokenizer
 
 
 class ProcessJob(LocalJob):

@@ -21,12 +21,12 @@ from typing import Any
 
 import anyio
 
-from .batching import BatchScheduler, QueueFullError, SchedulerClosedError
+from .engine.scheduler import BatchScheduler, QueueFullError, SchedulerClosedError
 from .errors import ContextOverflowError, QwenOmniError
 from .openai_api import APIError, ChatRequest
 from .remote import RemoteAssistant, RemoteError, RemoteRequestError, RemoteUnsupportedError
-from .tokenizer import StreamDecoder
-from .media_cache import CachingProcessor
+from .engine.tokenizer import StreamDecoder
+from .engine.media_cache import CachingProcessor
 
 log = logging.getLogger("qwen_omni.server")
 

@@ -118,7 +118,7 @@ def assistant_for(model, tok_dir: Path):
     """An Assistant around an in-memory Thinker (for the eval during training)."""
     from .assistant import Assistant
     from .tiny_model import processor_for
-    from .tokenizer import Tokenizer
+    from .engine.tokenizer import Tokenizer
 
     return Assistant(model, Tokenizer.from_dir(tok_dir), Path(tok_dir), "qwen3_omni_moe_thinker",
                      processor_for(model.cfg, tok_dir))

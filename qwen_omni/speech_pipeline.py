@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .sampling import SamplingParams
+from .engine.sampling import SamplingParams
 from .speech_tap import ThinkerRecorder
 
 Run = Callable[..., Iterator[str]]  # run(messages, tap) -> text pieces: the assistant's generation loop

@@ -26,7 +26,7 @@ import torch
 
 from .models.config import read_config_json
 from .errors import CheckpointError
-from .generate import make_generator
+from .engine.generate import make_generator
 from .models.loader import empty_weights, load_into, read_prefixed
 from .speech_config25 import SpeechConfig25
 from .speech_pipeline import SpeechPipeline

@@ -15,10 +15,10 @@ import torch
 
 from .code2wav3 import Code2Wav3, Code2WavStream
 from .models.config import read_config_json
-from .generate import make_generator
+from .engine.generate import make_generator
 from .models.loader import empty_weights, load_into, read_prefixed
 from .models.omni_config import ThinkerConfig
-from .sampling import SamplingParams
+from .engine.sampling import SamplingParams
 from .speech_config import SpeechConfig
 from .speech_pipeline import SpeechPipeline, audio_in_video, media_of
 from .speech_tap import ThinkerRecorder

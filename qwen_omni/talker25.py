@@ -43,10 +43,10 @@ from torch import nn
 
 from .models.decoder import TextModel
 from .errors import InputError
-from .generate import generate, pull_stream
+from .engine.generate import generate, pull_stream
 from .models.kv_cache import KVCache
 from .models.positions import RopeSpec, decode_positions, rope_index
-from .sampling import SamplingParams, apply_repetition_penalty, sample
+from .engine.sampling import SamplingParams, apply_repetition_penalty, sample
 from .speech_config25 import TalkerConfig25
 
 # Qwen2.5-Omni README / chat-templates.md: speech output is only supported under this exact system prompt.

@@ -34,10 +34,10 @@ from torch import nn
 from .models.config import TextConfig
 from .models.decoder import TextModel
 from .errors import InputError
-from .generate import pull_stream
+from .engine.generate import pull_stream
 from .models.kv_cache import KVCache
 from .models.positions import decode_positions, rope_index
-from .sampling import SamplingParams, apply_repetition_penalty, sample
+from .engine.sampling import SamplingParams, apply_repetition_penalty, sample
 from .speech_config import SpeechConfig
 
 # transformers' defaults in `generate` (talker) and in the talker's code-predictor call (sampling mode).

@@ -25,7 +25,7 @@ from torch import nn
 
 from .models.omni_config import ThinkerConfig
 from .models.registry import build_model
-from .processor import Processor, ProcessorConfig
+from .engine.processor import Processor, ProcessorConfig
 from .synthetic.tasks import TASKS, make_sample, text_parts
 from .models.thinker import Thinker
 

@@ -21,7 +21,7 @@ from .synthetic.tasks import iter_samples
 from .synthetic import audio as sa
 from .synthetic import media as sm
 from .models.omni_config import ThinkerConfig
-from .tokenizer import Tokenizer
+from .engine.tokenizer import Tokenizer
 from .train_binding import targets
 
 IGNORE = -100

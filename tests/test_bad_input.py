@@ -22,7 +22,7 @@ from PIL import Image
 import qwen_omni
 from encoders.media import MediaError
 from qwen_omni.errors import ContextOverflowError, InputError, QwenOmniError
-from qwen_omni.processor import Budgets
+from qwen_omni.engine.processor import Budgets
 
 from .test_media import encode_video, write_frameless_video, write_wav
 from .tiny_omni import make_thinker

@@ -1,4 +1,4 @@
-"""Continuous batching (qwen_omni/batching.py): concurrent requests give exactly what `Assistant.chat` gives.
+"""Continuous batching (qwen_omni/engine/scheduler.py): concurrent requests give exactly what `Assistant.chat` gives.
 
 Two models: a tiny random Qwen3 text model (fast, many tokens) and the Omni thinker of `serve_utils` (images,
 audio and text rows in one batch, each with its own rope delta). References come from a second, identically
@@ -14,7 +14,7 @@ import torch
 
 import qwen_omni
 from qwen_omni.models.kv_cache import copy_prefix
-from qwen_omni.batching import BatchScheduler, QueueFullError
+from qwen_omni.engine.scheduler import BatchScheduler, QueueFullError
 from qwen_omni.models.group_prefill import prefill_prompts
 
 from .serve_utils import omni_model_dir, png_bytes, wav_bytes

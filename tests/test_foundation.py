@@ -10,8 +10,8 @@ import qwen_omni
 from qwen_omni.models.config import RopeConfig
 from qwen_omni.errors import CheckpointError, ContextOverflowError
 from qwen_omni.models.rope import Rotary
-from qwen_omni.sampling import SamplingParams, sample
-from qwen_omni.tokenizer import StreamDecoder, Tokenizer
+from qwen_omni.engine.sampling import SamplingParams, sample
+from qwen_omni.engine.tokenizer import StreamDecoder, Tokenizer
 
 from .tiny_text import make_checkpoint
 from .tiny_tokenizer import save_tokenizer

@@ -366,7 +366,7 @@ def test_content_hash_follows_the_bytes_not_the_path(tmp_path):
     match, and a different file at the same path must not."""
     import os
 
-    from qwen_omni.processor import content_hash
+    from qwen_omni.engine.processor import content_hash
 
     a, b = tmp_path / "a.png", tmp_path / "copy" / "b.png"
     b.parent.mkdir()

@@ -48,8 +48,8 @@ from transformers.processing_utils import OmniModalProcessorMixin  # noqa: E402
 
 import qwen_omni  # noqa: E402
 from encoders import preprocess, video  # noqa: E402
-from qwen_omni.generate import generate  # noqa: E402
-from qwen_omni.sampling import SamplingParams  # noqa: E402
+from qwen_omni.engine.generate import generate  # noqa: E402
+from qwen_omni.engine.sampling import SamplingParams  # noqa: E402
 
 from .tiny_omni import Q25_TEMPLATE, TOKENS, make_thinker, save_tokenizer, thinker_config  # noqa: E402
 

@@ -44,8 +44,8 @@ from transformers.processing_utils import OmniModalProcessorMixin  # noqa: E402
 import qwen_omni.assistant as assistant_module  # noqa: E402
 from qwen_omni.assistant import count_parameters, load  # noqa: E402
 from qwen_omni.models.positions import RopeSpec, audio_in_video_tokens, vision_tokens  # noqa: E402
-from qwen_omni.prefix_cache import PrefixCache  # noqa: E402
-from qwen_omni.tokenizer import StreamDecoder  # noqa: E402
+from qwen_omni.engine.prefix_cache import PrefixCache  # noqa: E402
+from qwen_omni.engine.tokenizer import StreamDecoder  # noqa: E402
 from tests.tiny_omni import TOKENS, make_thinker  # noqa: E402
 
 NEW_TOKENS = 24

@@ -29,8 +29,8 @@ from PIL import Image
 
 import qwen_omni  # noqa: E402
 from qwen_omni.errors import CheckpointError, InputError  # noqa: E402
-from qwen_omni.generate import make_generator  # noqa: E402
-from qwen_omni.sampling import SamplingParams  # noqa: E402
+from qwen_omni.engine.generate import make_generator  # noqa: E402
+from qwen_omni.engine.sampling import SamplingParams  # noqa: E402
 from qwen_omni.speech_pipeline25 import load_speakers, load_speech25  # noqa: E402
 from qwen_omni.talker25 import (SPEECH_SYSTEM_PROMPT, TALKER_GREEDY, VOICES, pick_voice, speak,  # noqa: E402
                                 speech_messages)

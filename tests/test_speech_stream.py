@@ -154,7 +154,7 @@ def test_qwen3_follow_up_turn_reuses_the_prefix_exactly(q3):
 # ------------------------------------------------------------------------------------------------ Qwen2.5-Omni
 
 def test_qwen25_streams_and_matches_speak_and_the_whole_decode(q25):
-    from qwen_omni.generate import make_generator
+    from qwen_omni.engine.generate import make_generator
     from qwen_omni.speech_pipeline25 import persona_in_first_user_turn
     from qwen_omni.talker25 import TALKER_GREEDY, speak
     from qwen_omni.token2wav_stream25 import FrameNoise

@@ -123,7 +123,7 @@ def test_batched_steps_reduce_loss(ckpt):
     torch.manual_seed(0)
     model = tm.load_model(d)
     tok_dir = d
-    from qwen_omni.tokenizer import Tokenizer
+    from qwen_omni.engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tok_dir)
     proc = tm.processor_for(model.cfg)

@@ -25,7 +25,7 @@ from qwen_omni.train_binding import BindingLoss, parse_heads
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
-    from qwen_omni.tokenizer import Tokenizer
+    from qwen_omni.engine.tokenizer import Tokenizer
 
     d = tmp_path_factory.mktemp("micro-bind")
     tok = tm.train_tokenizer(tm.corpus_texts(n_per_task=4), vocab_size=400)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from .models.kv_cache import KVCache
+from ..models.kv_cache import KVCache
 
 
 class PrefixCache:

@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from .models.kv_cache import KVCache
+from ..models.kv_cache import KVCache
 
 
 class SlotPool:

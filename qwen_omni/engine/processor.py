@@ -35,9 +35,9 @@ import torch
 
 from encoders import media, preprocess, video
 
-from .errors import InputError
-from .models.omni_config import ThinkerConfig
-from .models.positions import RopeSpec, audio_in_video_tokens, rope_index
+from ..errors import InputError
+from ..models.omni_config import ThinkerConfig
+from ..models.positions import RopeSpec, audio_in_video_tokens, rope_index
 
 N_SAMPLES_30S = 30 * 16000
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .models.kv_cache import KVCache, copy_prefix
+from ..models.kv_cache import KVCache, copy_prefix
 from .prefix_cache import PrefixCache
 
 
