@@ -46,7 +46,7 @@ def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
             # an audio chunk goes to the streaming player; text-only steps leave the player alone
             yield history, i == 0, (audio if audio is not None else gr.skip())
         if held:  # no ffmpeg: the player gets the whole spoken reply at the end
-            from qwen_omni.voice import join_wav
+            from qwen_omni.speech.offline_voice import join_wav
 
             yield gr.skip(), False, join_wav(held)
 

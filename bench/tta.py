@@ -10,7 +10,7 @@ thinker, talker and vocoder have all finished, so its TTFA is its total time. Bo
 talker), the same reply budget (REPLY_TOKENS) and talker budget (AUDIO_SECONDS), one warm-up run each first.
 The table also shows the audio each produced, our real-time factor (speech compute / audio duration) and, for
 Qwen2.5, the seam error of our windowed DiT stream against a whole-utterance decode of the same codes with the
-same initial noise, and the TTFA of the exact stream (see qwen_omni/speech_pipeline25.py for why it is not the default).
+same initial noise, and the TTFA of the exact stream (see qwen_omni/speech/qwen25/pipeline.py for why it is not the default).
 
 Shapes ("tiny but realistic"): random weights (they do not change the cost of a step) with the released
 models' structure where it decides the time split, and widths a CPU gets through in about a minute:
@@ -91,8 +91,8 @@ QUESTION = [{"role": "user", "content": "what is in this picture? describe the i
 
 
 def greedy(a):
-    from qwen_omni.talker3 import PREDICTOR_GREEDY, TALKER_GREEDY
-    from qwen_omni.talker25 import TALKER_GREEDY as TALKER25_GREEDY
+    from qwen_omni.speech.qwen3.talker import PREDICTOR_GREEDY, TALKER_GREEDY
+    from qwen_omni.speech.qwen25.talker import TALKER_GREEDY as TALKER25_GREEDY
 
     e = a.speech.load()
     if a.speech.family == "qwen3":
@@ -115,7 +115,7 @@ def ours(a, tokens: int, seconds: float) -> dict:
 
 
 def reference(hf, a, family: str, tokens: int, seconds: float) -> dict:
-    from qwen_omni.speech_pipeline25 import persona_in_first_user_turn
+    from qwen_omni.speech.qwen25.pipeline import persona_in_first_user_turn
 
     msgs = persona_in_first_user_turn(QUESTION) if family == "qwen2_5" else QUESTION
     ids = a.prepare(msgs)["input_ids"]
@@ -135,7 +135,7 @@ def reference(hf, a, family: str, tokens: int, seconds: float) -> dict:
 def seam_and_exact(a, run: dict, tokens: int, seconds: float) -> tuple[float, float, float | None]:
     """Qwen2.5: (max seam error, audio RMS, exact-stream TTFA) for the codes of `run`."""
     from qwen_omni.engine.generate import make_generator
-    from qwen_omni.token2wav_stream25 import FrameNoise
+    from qwen_omni.speech.qwen25.token2wav_stream import FrameNoise
 
     e = a.speech.pipeline
     codes = e.record_codes[-1]

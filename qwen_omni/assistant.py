@@ -30,7 +30,7 @@ from .engine.processor import build_processor
 from .engine.prefix_cache import PrefixCache
 from .models.quant import quantize_int8
 from .engine.sampling import SamplingParams
-from .speech import Speech
+from .speech.switch import Speech
 from .engine.tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

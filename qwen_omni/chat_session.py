@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import InputError, QwenOmniError
-from .voice import wav_bytes
+from .speech.offline_voice import wav_bytes
 
 log = logging.getLogger("qwen_omni.app")
 
@@ -254,7 +254,7 @@ class Sampling:
     max_new_tokens: int = 512
     seed: int | None = None
     use_audio_in_video: bool = True
-    speak: bool = False  # also speak the reply (see qwen_omni/speech.py)
+    speak: bool = False  # also speak the reply (see qwen_omni/speech/switch.py)
     voice: str = "default"
 
 

@@ -38,7 +38,7 @@ def png_bytes(w: int = 64, h: int = 64, seed: int = 0) -> bytes:
 
 
 def wav_bytes(seconds: float = 1.0, freq: float = 440.0, rate: int = 16000) -> bytes:
-    from qwen_omni.voice import wav_bytes as encode
+    from qwen_omni.speech.offline_voice import wav_bytes as encode
 
     t = np.arange(int(seconds * rate)) / rate
     return encode(0.3 * np.sin(2 * np.pi * freq * t), rate)

@@ -4,7 +4,7 @@ The layers, bottom to top, are written down once, in `LAYERS`: a module may impo
 from any lower layer, never from its own layer's other packages or from above. Imports inside functions count
 like any other; the few that stay inside a function only to save start-up time are listed in `LAZY`, each with
 its reason, and every other function-level import of ours fails the test (hoist it to the top of the module).
-The two speech families never import each other (shared layers live in `qwen_omni.speech`).
+The two speech families never import each other (shared layers live in `qwen_omni.speech.switch`).
 
 The walk reads the source (ast), so it sees imports that a run would only reach on some code path.
 """
@@ -22,7 +22,7 @@ LAYERS = {
     "qwen_omni.synthetic.tasks": 0,
     "qwen_omni.models.registry": 1,
     "qwen_omni.engine": 2,
-    "qwen_omni.speech": 3,
+    "qwen_omni.speech.switch": 3,
     "qwen_omni.assistant": 4,
     "qwen_omni": 5,  # the package's __init__ alone: it re-exports load, Assistant and the errors
     "qwen_omni.serving": 6,

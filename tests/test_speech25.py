@@ -31,10 +31,10 @@ import qwen_omni  # noqa: E402
 from qwen_omni.errors import CheckpointError, InputError  # noqa: E402
 from qwen_omni.engine.generate import make_generator  # noqa: E402
 from qwen_omni.engine.sampling import SamplingParams  # noqa: E402
-from qwen_omni.speech_pipeline25 import load_speakers, load_speech25  # noqa: E402
-from qwen_omni.talker25 import (SPEECH_SYSTEM_PROMPT, TALKER_GREEDY, VOICES, pick_voice, speak,  # noqa: E402
+from qwen_omni.speech.qwen25.pipeline import load_speakers, load_speech25  # noqa: E402
+from qwen_omni.speech.qwen25.talker import (SPEECH_SYSTEM_PROMPT, TALKER_GREEDY, VOICES, pick_voice, speak,  # noqa: E402
                                 speech_messages)
-from qwen_omni.token2wav_stream25 import FrameNoise, stream  # noqa: E402
+from qwen_omni.speech.qwen25.token2wav_stream import FrameNoise, stream  # noqa: E402
 
 from .tiny_omni import thinker_config  # noqa: E402
 
@@ -222,9 +222,9 @@ def test_bigvgan_chunks_with_context_equal_one_pass(env):
     one = t2w.vocode(mel)
     for chunk in (5, 16):
         assert (t2w.vocode(mel, chunk_frames=chunk) - one).abs().max().item() <= 1e-5
-    from qwen_omni.bigvgan25 import BigVGAN25
+    from qwen_omni.speech.qwen25.bigvgan import BigVGAN25
     from qwen_omni.models.loader import empty_weights
-    from qwen_omni.speech_config25 import BigVGANConfig25
+    from qwen_omni.speech.qwen25.config import BigVGANConfig25
 
     with empty_weights():
         released = BigVGAN25(BigVGANConfig25())

@@ -23,14 +23,14 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_omni.code2wav3 import Code2Wav3  # noqa: E402
+from qwen_omni.speech.qwen3.code2wav import Code2Wav3  # noqa: E402
 from qwen_omni.models.loader import empty_weights  # noqa: E402
 from qwen_omni.models.registry import build_model  # noqa: E402
 from qwen_omni.models.omni_config import ThinkerConfig  # noqa: E402
 from qwen_omni.models.positions import RopeSpec, rope_index  # noqa: E402
-from qwen_omni.speech_config import Code2WavConfig  # noqa: E402
-from qwen_omni.speech_pipeline3 import load_speech3  # noqa: E402
-from qwen_omni.talker3 import PREDICTOR_GREEDY, TALKER_GREEDY  # noqa: E402
+from qwen_omni.speech.qwen3.config import Code2WavConfig  # noqa: E402
+from qwen_omni.speech.qwen3.pipeline import load_speech3  # noqa: E402
+from qwen_omni.speech.qwen3.talker import PREDICTOR_GREEDY, TALKER_GREEDY  # noqa: E402
 from tests.tiny_omni import (Q3_AUDIO, Q3_CODE2WAV, Q3_TALKER, Q3_TEXT, Q3_VISION, init_stacked_experts,  # noqa: E402
                              part)
 

@@ -48,8 +48,8 @@ def q25(tmp_path_factory, one_thread):
 
 
 def greedy_assistant(d, seconds: float):
-    from qwen_omni.talker3 import PREDICTOR_GREEDY, TALKER_GREEDY
-    from qwen_omni.talker25 import TALKER_GREEDY as TALKER25_GREEDY
+    from qwen_omni.speech.qwen3.talker import PREDICTOR_GREEDY, TALKER_GREEDY
+    from qwen_omni.speech.qwen25.talker import TALKER_GREEDY as TALKER25_GREEDY
 
     a = qwen_omni.load(d, device="cpu", dtype="float32")
     e = a.speech.load()
@@ -155,9 +155,9 @@ def test_qwen3_follow_up_turn_reuses_the_prefix_exactly(q3):
 
 def test_qwen25_streams_and_matches_speak_and_the_whole_decode(q25):
     from qwen_omni.engine.generate import make_generator
-    from qwen_omni.speech_pipeline25 import persona_in_first_user_turn
-    from qwen_omni.talker25 import TALKER_GREEDY, speak
-    from qwen_omni.token2wav_stream25 import FrameNoise
+    from qwen_omni.speech.qwen25.pipeline import persona_in_first_user_turn
+    from qwen_omni.speech.qwen25.talker import TALKER_GREEDY, speak
+    from qwen_omni.speech.qwen25.token2wav_stream import FrameNoise
 
     a = greedy_assistant(q25["dir"], seconds=2.0)  # 100 codes
     e = a.speech.pipeline
@@ -184,8 +184,8 @@ def test_qwen25_streams_and_matches_speak_and_the_whole_decode(q25):
 
 
 def test_qwen25_speech_prompt_and_persona():
-    from qwen_omni.speech_pipeline25 import persona_in_first_user_turn
-    from qwen_omni.talker25 import SPEECH_SYSTEM_PROMPT
+    from qwen_omni.speech.qwen25.pipeline import persona_in_first_user_turn
+    from qwen_omni.speech.qwen25.talker import SPEECH_SYSTEM_PROMPT
 
     out = persona_in_first_user_turn([{"role": "system", "content": "You are a pirate."}, *QUESTION])
     assert out[0] == {"role": "system", "content": SPEECH_SYSTEM_PROMPT}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import qwen_omni
-from qwen_omni import voice
+from qwen_omni.speech import offline_voice as voice
 
 from .test_foundation import assistant, chat_dir  # noqa: F401  (module-scoped fixtures)
 
@@ -54,7 +54,7 @@ def test_unknown_voice_is_a_clear_error():
 def test_first_audio_is_yielded_before_the_text_ends():
     import time
 
-    from qwen_omni.voice import speak
+    from qwen_omni.speech.offline_voice import speak
 
     def text():
         yield "The circle is red. "

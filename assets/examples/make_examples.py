@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from qwen_omni.synthetic import audio as sa  # noqa: E402
 from qwen_omni.synthetic import media as sm  # noqa: E402
-from qwen_omni.voice import wav_bytes  # noqa: E402
+from qwen_omni.speech.offline_voice import wav_bytes  # noqa: E402
 
 
 def write_wav(path: Path, x: np.ndarray, sr: int = sa.SR) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .speech_config25 import DiTConfig25
+from .config import DiTConfig25
 
 
 def same_conv(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Conv1d:

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bigvgan25 import BigVGAN25
-from .models.config import RopeConfig
-from .ecapa25 import ECAPA25
-from .errors import InputError
-from .models.rope import Rotary, apply_rotary
-from .speech_config25 import DiTConfig25, Token2WavConfig25
+from .bigvgan import BigVGAN25
+from ...models.config import RopeConfig
+from .ecapa import ECAPA25
+from ...errors import InputError
+from ...models.rope import Rotary, apply_rotary
+from .config import DiTConfig25, Token2WavConfig25
 
 SAMPLE_RATE = 24000
 

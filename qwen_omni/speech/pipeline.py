@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .engine.sampling import SamplingParams
-from .speech_tap import ThinkerRecorder
+from ..engine.sampling import SamplingParams
+from .tap import ThinkerRecorder
 
 Run = Callable[..., Iterator[str]]  # run(messages, tap) -> text pieces: the assistant's generation loop
 SAMPLE_RATE = 24000  # both families' vocoders

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from .token2wav25 import Token2Wav25, stage_input, stage_time, step_end, time_grid
+from .token2wav import Token2Wav25, stage_input, stage_time, step_end, time_grid
 
 
 class FrameNoise:

@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.config import TextConfig
-from .models.decoder import TextModel
-from .errors import InputError
-from .engine.generate import pull_stream
-from .models.kv_cache import KVCache
-from .models.positions import decode_positions, rope_index
-from .engine.sampling import SamplingParams, apply_repetition_penalty, sample
-from .speech_config import SpeechConfig
+from ...models.config import TextConfig
+from ...models.decoder import TextModel
+from ...errors import InputError
+from ...engine.generate import pull_stream
+from ...models.kv_cache import KVCache
+from ...models.positions import decode_positions, rope_index
+from ...engine.sampling import SamplingParams, apply_repetition_penalty, sample
+from .config import SpeechConfig
 
 # transformers' defaults in `generate` (talker) and in the talker's code-predictor call (sampling mode).
 TALKER_SAMPLING = SamplingParams(temperature=0.9, top_k=50, top_p=1.0, repetition_penalty=1.05)

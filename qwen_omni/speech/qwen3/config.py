@@ -20,10 +20,10 @@ import torch
 
 from encoders.common import from_hf_dict
 
-from .models.config import RopeConfig, TextConfig
-from .errors import CheckpointError
-from .models.omni_config import ThinkerConfig
-from .models.positions import RopeSpec
+from ...models.config import RopeConfig, TextConfig
+from ...errors import CheckpointError
+from ...models.omni_config import ThinkerConfig
+from ...models.positions import RopeSpec
 
 
 @dataclass

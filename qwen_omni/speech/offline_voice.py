@@ -23,7 +23,7 @@ import numpy as np
 
 from encoders.media import resample
 
-from .errors import InputError
+from ..errors import InputError
 
 SAMPLE_RATE = 24000
 VOICES = {"default": "en-us", "female": "en-us+f3", "male": "en-us+m3", "british": "en-gb", "scottish": "en-gb-scotland"}

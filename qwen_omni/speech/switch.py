@@ -19,15 +19,16 @@ from typing import Iterator
 import numpy as np
 from safetensors import safe_open
 
-from . import speech_pipeline3, speech_pipeline25
-from .errors import CheckpointError, InputError
-from .models.loader import safetensors_files
-from .speech_pipeline import Run, SpeechPipeline
-from .voice import VOICES, speak
+from ..errors import CheckpointError, InputError
+from ..models.loader import safetensors_files
+from .offline_voice import VOICES, speak
+from .pipeline import Run, SpeechPipeline
+from .qwen3 import pipeline as qwen3
+from .qwen25 import pipeline as qwen25
 
 # config.json model_type -> talker family; each family module has can_speak(path), voices(path) and Pipeline.
 FAMILY_OF = {"qwen3_omni_moe": "qwen3", "qwen2_5_omni": "qwen2_5"}
-FAMILIES = {"qwen3": speech_pipeline3, "qwen2_5": speech_pipeline25}
+FAMILIES = {"qwen3": qwen3, "qwen2_5": qwen25}
 
 
 def talker_family(path: Path) -> str | None:

@@ -13,16 +13,16 @@ from typing import Iterator
 
 import torch
 
-from .code2wav3 import Code2Wav3, Code2WavStream
-from .models.config import read_config_json
-from .engine.generate import make_generator
-from .models.loader import empty_weights, load_into, read_prefixed
-from .models.omni_config import ThinkerConfig
-from .engine.sampling import SamplingParams
-from .speech_config import SpeechConfig
-from .speech_pipeline import SpeechPipeline, audio_in_video, media_of
-from .speech_tap import ThinkerRecorder
-from .talker3 import PREDICTOR_SAMPLING, TALKER_SAMPLING, Talker3
+from .code2wav import Code2Wav3, Code2WavStream
+from ...models.config import read_config_json
+from ...engine.generate import make_generator
+from ...models.loader import empty_weights, load_into, read_prefixed
+from ...models.omni_config import ThinkerConfig
+from ...engine.sampling import SamplingParams
+from .config import SpeechConfig
+from ..pipeline import SpeechPipeline, audio_in_video, media_of
+from ..tap import ThinkerRecorder
+from .talker import PREDICTOR_SAMPLING, TALKER_SAMPLING, Talker3
 
 
 def can_speak(path: Path) -> bool:

@@ -41,13 +41,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models.decoder import TextModel
-from .errors import InputError
-from .engine.generate import generate, pull_stream
-from .models.kv_cache import KVCache
-from .models.positions import RopeSpec, decode_positions, rope_index
-from .engine.sampling import SamplingParams, apply_repetition_penalty, sample
-from .speech_config25 import TalkerConfig25
+from ...models.decoder import TextModel
+from ...errors import InputError
+from ...engine.generate import generate, pull_stream
+from ...models.kv_cache import KVCache
+from ...models.positions import RopeSpec, decode_positions, rope_index
+from ...engine.sampling import SamplingParams, apply_repetition_penalty, sample
+from .config import TalkerConfig25
 
 # Qwen2.5-Omni README / chat-templates.md: speech output is only supported under this exact system prompt.
 SPEECH_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "

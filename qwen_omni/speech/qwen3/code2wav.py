@@ -31,10 +31,10 @@ from torch import nn
 
 from encoders.common import RMSNorm
 
-from .models.layers import MLP
-from .models.rope import Rotary, apply_rotary
-from .speech_config import Code2WavConfig
-from .vocoder_layers import SnakeBeta as PointwiseSnakeBeta
+from ...models.layers import MLP
+from ...models.rope import Rotary, apply_rotary
+from .config import Code2WavConfig
+from ..vocoder_layers import SnakeBeta as PointwiseSnakeBeta
 
 SAMPLE_RATE = 24000
 

@@ -24,16 +24,16 @@ from typing import Any, Iterator
 
 import torch
 
-from .models.config import read_config_json
-from .errors import CheckpointError
-from .engine.generate import make_generator
-from .models.loader import empty_weights, load_into, read_prefixed
-from .speech_config25 import SpeechConfig25
-from .speech_pipeline import SpeechPipeline
-from .speech_tap import ThinkerRecorder
-from .talker25 import SPEECH_SYSTEM_PROMPT, TALKER_SAMPLING, Talker25, TalkerStream25, speech_messages
-from .token2wav25 import Token2Wav25
-from .token2wav_stream25 import WaveStream25
+from ...models.config import read_config_json
+from ...errors import CheckpointError
+from ...engine.generate import make_generator
+from ...models.loader import empty_weights, load_into, read_prefixed
+from .config import SpeechConfig25
+from ..pipeline import SpeechPipeline
+from ..tap import ThinkerRecorder
+from .talker import SPEECH_SYSTEM_PROMPT, TALKER_SAMPLING, Talker25, TalkerStream25, speech_messages
+from .token2wav import Token2Wav25
+from .token2wav_stream import WaveStream25
 
 
 def can_speak(path: Path) -> bool:
