@@ -27,7 +27,7 @@ class Settings:
     max_new_tokens: int
     concurrency: int
     queue_size: int
-    backend: str = "local"  # "openai": answer through an OpenAI-compatible server (qwen_omni/remote.py)
+    backend: str = "local"  # "openai": answer through an OpenAI-compatible server (qwen_omni/serving/remote.py)
     base_url: str | None = None
     api_key: str | None = None
     max_audio_seconds: float | None = None  # cap on one spoken reply (talker steps); None: the reference's
@@ -83,7 +83,7 @@ def load_assistant(settings: Settings):
     from .assistant import DEFAULT_MODEL, load
 
     if settings.backend == "openai":  # --model then names the server's model (default: its first)
-        from .remote import RemoteAssistant
+        from .serving.remote import RemoteAssistant
 
         return RemoteAssistant(settings.base_url, api_key=settings.api_key, model=settings.model).connect()
     if settings.model is None and not DEFAULT_MODEL.is_dir():

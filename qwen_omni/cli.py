@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            from .server import run_serve
+            from .serving.server import run_serve
 
             return run_serve(args)
         return run_chat(args)

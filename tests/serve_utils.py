@@ -75,20 +75,20 @@ def b64(raw: bytes) -> str:
 
 def start_local_server(model_dir: Path, *, max_batch: int = 4, max_queue: int = 64, max_model_len: int = 2048,
                        prefix_cache_size: int = 16, **cfg):
-    """(url, stop, engine): our server with a local model on a free loopback port, in this process."""
+    """(url, stop, backend): our server with a local model on a free loopback port, in this process."""
     import qwen_omni
-    from qwen_omni.engines import LocalEngine
-    from qwen_omni.server import ServeConfig, create_app, serve_in_thread
+    from qwen_omni.serving.backends import LocalBackend
+    from qwen_omni.serving.server import ServeConfig, create_app, serve_in_thread
 
     holder = {}
 
     def load():
-        holder["engine"] = LocalEngine(qwen_omni.load(model_dir, device="cpu"), max_batch, max_queue, max_model_len,
+        holder["backend"] = LocalBackend(qwen_omni.load(model_dir, device="cpu"), max_batch, max_queue, max_model_len,
                                        prefix_cache_size)
-        return holder["engine"]
+        return holder["backend"]
     url, stop = serve_in_thread(create_app(ServeConfig(**cfg), load))
     wait_ready(url)
-    return url, stop, holder["engine"]
+    return url, stop, holder["backend"]
 
 
 def wait_ready(url: str, timeout: float = 120.0) -> None:

@@ -1,6 +1,6 @@
-"""`serve --engine-process`: the same API with the model in a child process (qwen_omni/engine_process.py).
+"""`serve --engine-process`: the same API with the model in a child process (qwen_omni/serving/process_backend.py).
 
-One server on a free loopback port, its model process spawned by `ProcessEngine`; answers are compared with
+One server on a free loopback port, its model process spawned by `ProcessBackend`; answers are compared with
 `Assistant.chat` on a separately loaded copy of the model, as in test_server.py.
 """
 from __future__ import annotations
@@ -24,17 +24,17 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model_dir):
-    from qwen_omni.engine_process import ProcessEngine
-    from qwen_omni.server import ServeConfig, create_app, serve_in_thread
+    from qwen_omni.serving.process_backend import ProcessBackend
+    from qwen_omni.serving.server import ServeConfig, create_app, serve_in_thread
 
     holder = {}
 
     def load():  # max_batch 2, max_queue 1: the queue limit is reachable with three requests
-        holder["engine"] = ProcessEngine(str(model_dir), {"device": "cpu"}, (2, 1, 2048, 16), threads=1)
-        return holder["engine"]
+        holder["backend"] = ProcessBackend(str(model_dir), {"device": "cpu"}, (2, 1, 2048, 16), threads=1)
+        return holder["backend"]
     url, stop = serve_in_thread(create_app(ServeConfig(), load))
     wait_ready(url)
-    yield url, holder["engine"]
+    yield url, holder["backend"]
     stop()
 
 
@@ -92,21 +92,21 @@ def test_errors_keep_their_status_codes(served, client):
 
 
 def test_a_dead_model_process_fails_requests_with_503(model_dir):
-    from qwen_omni.engine_process import ProcessEngine
-    from qwen_omni.server import ServeConfig, create_app, serve_in_thread
+    from qwen_omni.serving.process_backend import ProcessBackend
+    from qwen_omni.serving.server import ServeConfig, create_app, serve_in_thread
 
     holder = {}
 
     def load():
-        holder["engine"] = ProcessEngine(str(model_dir), {"device": "cpu"}, (2, 4, 512, 4), threads=1)
-        return holder["engine"]
+        holder["backend"] = ProcessBackend(str(model_dir), {"device": "cpu"}, (2, 4, 512, 4), threads=1)
+        return holder["backend"]
     url, stop = serve_in_thread(create_app(ServeConfig(), load))
     try:
         wait_ready(url)
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         stream = ask(c, "hello", max_tokens=400, stream=True, extra_body={"ignore_eos": True})
         next(iter(stream))
-        holder["engine"]._proc.kill()
+        holder["backend"]._proc.kill()
         with pytest.raises(openai.APIError, match="the model process exited"):  # in-band: headers were sent
             for _ in stream:
                 pass

@@ -41,11 +41,11 @@ def media_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model_dir, media_dir):
-    from qwen_omni.openai_api import MediaPolicy
+    from qwen_omni.serving.openai_api import MediaPolicy
 
-    url, stop, engine = start_local_server(model_dir, max_batch=4, max_body_bytes=2 << 20,
+    url, stop, backend = start_local_server(model_dir, max_batch=4, max_body_bytes=2 << 20,
                                            policy=MediaPolicy(media_dir=media_dir))
-    yield url, engine
+    yield url, backend
     stop()
 
 
@@ -208,9 +208,9 @@ def serve_files(folder):
 
 
 def test_auth_queue_limits_and_remote_media(model_dir, media_dir, reference):
-    from qwen_omni.openai_api import MediaPolicy
+    from qwen_omni.serving.openai_api import MediaPolicy
 
-    url, stop, engine = start_local_server(model_dir, max_batch=1, max_queue=1, api_key=KEY,
+    url, stop, backend = start_local_server(model_dir, max_batch=1, max_queue=1, api_key=KEY,
                                            policy=MediaPolicy(allow_remote=True))
     files = serve_files(media_dir)
     try:
@@ -254,7 +254,7 @@ def test_auth_queue_limits_and_remote_media(model_dir, media_dir, reference):
 
 
 def test_503_while_loading():
-    from qwen_omni.server import ServeConfig, create_app, serve_in_thread
+    from qwen_omni.serving.server import ServeConfig, create_app, serve_in_thread
 
     gate = threading.Event()
 
@@ -285,7 +285,7 @@ def free_port() -> int:
 def test_remote_backend_forwards_to_an_openai_compatible_peer(server, reference, model_dir):
     from qwen_omni import app_settings as st
     from qwen_omni import chat_session as cs
-    from qwen_omni.remote import RemoteAssistant, RemoteUnsupportedError
+    from qwen_omni.serving.remote import RemoteAssistant, RemoteUnsupportedError
 
     png = png_bytes(64, 64, seed=11)
     msgs = [{"role": "user", "content": [{"type": "image", "image": png}, {"type": "text", "text": "what is it?"}]}]
@@ -349,7 +349,7 @@ def test_short_load_run_has_no_failures_and_no_leaked_slots(server, model_dir):
 
 
 def test_stop_text_holds_back_partial_matches():
-    from qwen_omni.openai_api import StopText
+    from qwen_omni.serving.openai_api import StopText
 
     s = StopText(["END", "xyz"])
     assert [s.push(p) for p in ["ab", "cE", "N", "q", "EN", "Dtail"]] == ["ab", "c", "", "ENq", "", ""]
@@ -364,7 +364,7 @@ def test_base64_media_may_be_line_wrapped():
     character is still a 400 that names the part."""
     import base64
 
-    from qwen_omni.openai_api import APIError, MediaPolicy, parse_chat_request
+    from qwen_omni.serving.openai_api import APIError, MediaPolicy, parse_chat_request
 
     raw = bytes(range(256)) * 20
     enc = base64.b64encode(raw).decode()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-from .errors import InputError, QwenOmniError
+from ..errors import InputError, QwenOmniError
 
 
 class RemoteError(QwenOmniError):

@@ -6,10 +6,10 @@ the next step needs; a CPU decode step of a small model is itself mostly Python 
 serialise. With the model in its own process, decode steps and HTTP work run on two cores at once.
 
 Design
-- `ProcessEngine` has the interface of `engines.LocalEngine` (`start`, `load`, `close`, `name`, ...), so the
+- `ProcessBackend` has the interface of `backends.LocalBackend` (`start`, `load`, `close`, `name`, ...), so the
   server does not know which one it has. It starts the child with the "spawn" method (a fresh interpreter: no
   forked threads or locks), which loads the model and answers `("ready", info)` or `("failed", message)`.
-- The child runs a `LocalEngine`'s scheduler, media cache and prefix cache unchanged. Requests go down one pipe as
+- The child runs a `LocalBackend`'s scheduler, media cache and prefix cache unchanged. Requests go down one pipe as
   `("start", job id, messages, options, submit kwargs)` and `("cancel", job id)`; templating and media decoding
   (`Assistant.prepare`) run in a small thread pool there, as they do in a worker thread of the server otherwise.
 - Events come back as lists of `(job id, kind, value)`, one pipe message per batch: the scheduler's sink only
@@ -34,19 +34,19 @@ from typing import Any
 
 import anyio
 
-from .engine.scheduler import SchedulerClosedError
-from .engines import Job, LocalJob, Mailbox, submit_args
-from .errors import QwenOmniError
+from ..engine.scheduler import SchedulerClosedError
+from .backends import Job, LocalBackend, LocalJob, Mailbox, submit_args
+from ..errors import QwenOmniError
 from .openai_api import ChatRequest
-from .engine.tokenizer import Tokenizer
+from ..engine.tokenizer import Tokenizer
 
 
 class ProcessJob(LocalJob):
     """A `LocalJob` (text from token ids, counts) whose generation runs in the child: its counts arrive as "meta"."""
 
-    def __init__(self, loop, tokenizer, engine: "ProcessEngine", jid: int, mailbox: Mailbox):
+    def __init__(self, loop, tokenizer, backend: "ProcessBackend", jid: int, mailbox: Mailbox):
         super().__init__(loop, tokenizer, mailbox)
-        self.engine, self.jid = engine, jid
+        self.backend, self.jid = backend, jid
         self._cancel_sent = False
 
     def _piece(self, kind: str, value: Any) -> str:
@@ -57,20 +57,20 @@ class ProcessJob(LocalJob):
 
     def cancel(self) -> None:
         # The server cancels every job once it is over, too: only a job the child still runs costs a message.
-        if not self._cancel_sent and not self.done and self.engine._running(self.jid):
+        if not self._cancel_sent and not self.done and self.backend._running(self.jid):
             self._cancel_sent = True
-            self.engine._send(("cancel", self.jid))
+            self.backend._send(("cancel", self.jid))
 
 
-class ProcessEngine:
-    backend = "local"
+class ProcessBackend:
+    kind = "local"
 
-    def __init__(self, model: str, load_kwargs: dict, engine_args: tuple, threads: int | None = None,
+    def __init__(self, model: str, load_kwargs: dict, backend_args: tuple, threads: int | None = None,
                  log_level: str = "warning", start_timeout: float = 600.0):
         """Start the child and wait for its model (the server calls this in its loading thread)."""
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        self._proc = ctx.Process(target=_child_main, args=(child_conn, model, load_kwargs, engine_args, threads,
+        self._proc = ctx.Process(target=_child_main, args=(child_conn, model, load_kwargs, backend_args, threads,
                                                            log_level), name="qwen-omni-engine", daemon=True)
         self._proc.start()
         child_conn.close()
@@ -147,63 +147,95 @@ class ProcessEngine:
 
 # ------------------------------------------------------------------------------------------------------ child
 
-def _child_main(conn, model: str, load_kwargs: dict, engine_args: tuple, threads: int | None,
+def _child_main(conn, model: str, load_kwargs: dict, backend_args: tuple, threads: int | None,
                 log_level: str) -> None:
+    """The spawned process: load the model, answer ("ready", info) or ("failed", message), then serve the pipe."""
     import torch
 
-    from .assistant import load
-    from .engines import LocalEngine
+    from ..assistant import load
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[model process]: %(message)s")
     if threads:
         torch.set_num_threads(threads)
     try:
-        engine = LocalEngine(load(model, **load_kwargs), *engine_args)
+        backend = LocalBackend(load(model, **load_kwargs), *backend_args)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which fails its start-up
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    sched = engine.scheduler
-    conn.send(("ready", {"name": engine.name, "context_window": engine.context_window, "defaults": engine.defaults,
-                         "path": str(engine.assistant.path), "max_batch": sched.max_batch}))
-    out: list[tuple] = []
-    cv = threading.Condition()
-    lock = threading.Lock()  # guards the three below
-    gens: dict[int, Any] = {}  # submitted and not finished
-    pending: set[int] = set()  # received, still being prepared
-    cancelled: set[int] = set()  # pending ones whose client already left
-    done = threading.Event()
+    conn.send(("ready", {"name": backend.name, "context_window": backend.context_window, "defaults": backend.defaults,
+                         "path": str(backend.assistant.path), "max_batch": backend.scheduler.max_batch}))
+    ModelProcess(conn, backend).serve()
 
-    def emit(jid: int, kind: str, value: Any) -> None:
+
+class ModelProcess:
+    """The child's side of the pipe: prepares and submits requests, cancels them, and ships their events back."""
+
+    def __init__(self, conn, backend: LocalBackend):
+        self.conn, self.backend, self.sched = conn, backend, backend.scheduler
+        self.out: list[tuple] = []  # events not yet sent: (job id, kind, value)
+        self.cv = threading.Condition()  # guards `out`; wakes the sender
+        self.lock = threading.Lock()  # guards the three below
+        self.gens: dict[int, Any] = {}  # submitted and not finished
+        self.pending: set[int] = set()  # received, still being prepared
+        self.cancelled: set[int] = set()  # pending ones whose client already left
+        self.done = threading.Event()
+
+    def serve(self) -> None:
+        """Read commands until the server closes the pipe or says "close"; then stop the scheduler."""
+        threading.Thread(target=self._sender, name="qwen-omni-model-sender", daemon=True).start()
+        pool = ThreadPoolExecutor(2, thread_name_prefix="qwen-omni-prepare")
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):  # the server process is gone
+                break
+            if msg[0] == "start":
+                with self.lock:
+                    self.pending.add(msg[1])
+                pool.submit(self._start, *msg[1:])
+            elif msg[0] == "cancel":
+                self._cancel(msg[1])
+            elif msg[0] == "close":
+                break
+        pool.shutdown(wait=True)
+        self.sched.close()
+        self.done.set()
+        with self.cv:
+            self.cv.notify()
+
+    def _emit(self, jid: int, kind: str, value: Any) -> None:
         if kind == "error":
             try:
                 pickle.dumps(value)
             except Exception:  # noqa: BLE001 - e.g. an exception holding a lock or a tensor view
                 value = QwenOmniError(f"{type(value).__name__}: {value}")
-        with cv:
-            out.append((jid, kind, value))
-            cv.notify()
+        with self.cv:
+            self.out.append((jid, kind, value))
+            self.cv.notify()
 
-    def sender() -> None:
+    def _sender(self) -> None:
+        """Ship whatever has accumulated as one pipe message (a decode step over 8 rows is one write, not 8)."""
         while True:
-            with cv:
-                while not out and not done.is_set():
-                    cv.wait()
-                if not out:
+            with self.cv:
+                while not self.out and not self.done.is_set():
+                    self.cv.wait()
+                if not self.out:
                     return
-                batch = out[:]
-                out.clear()
-            with lock:
+                batch = self.out[:]
+                self.out.clear()
+            with self.lock:
                 for jid, kind, _ in batch:
                     if kind in ("end", "error"):
-                        gens.pop(jid, None)
+                        self.gens.pop(jid, None)
             try:
-                conn.send((batch, sched.load()))
+                self.conn.send((batch, self.sched.load()))
             except (OSError, ValueError):
                 return
 
-    def start(jid: int, messages: list, use_audio_in_video: bool | None, submit: dict) -> None:
+    def _start(self, jid: int, messages: list, use_audio_in_video: bool | None, submit: dict) -> None:
+        """Prepare (in the pool) and submit one request; its errors become the request's "error" event."""
         try:
-            inputs = engine.prepare(messages, use_audio_in_video)
+            inputs = self.backend.prepare(messages, use_audio_in_video)
             n = inputs["input_ids"].shape[1]
             first, submitted, box = [True], threading.Event(), {}
 
@@ -211,46 +243,29 @@ def _child_main(conn, model: str, load_kwargs: dict, engine_args: tuple, threads
                 if first[0] and kind != "error":  # counts first: the server sets its headers from them
                     first[0] = False
                     submitted.wait()  # `submit` may not have returned yet
-                    emit(jid, "meta", {"prompt_tokens": n, "reused_tokens": box["g"].stats.get("reused_tokens", 0)})
-                emit(jid, kind, value)
+                    self._emit(jid, "meta", {"prompt_tokens": n,
+                                             "reused_tokens": box["g"].stats.get("reused_tokens", 0)})
+                self._emit(jid, kind, value)
             try:
-                box["g"] = g = sched.submit(inputs, sink=sink, **submit)
+                box["g"] = g = self.sched.submit(inputs, sink=sink, **submit)
             finally:
                 submitted.set()
-            with lock:
+            with self.lock:
                 if g.finish_reason is None:  # else its end is already on its way
-                    gens[jid] = g
-                if jid in cancelled:
+                    self.gens[jid] = g
+                if jid in self.cancelled:
                     g.cancel()
         except Exception as e:  # noqa: BLE001 - bad input, queue full, context overflow: the request's error
-            emit(jid, "error", e)
+            self._emit(jid, "error", e)
         finally:
-            with lock:
-                pending.discard(jid)
-                cancelled.discard(jid)
+            with self.lock:
+                self.pending.discard(jid)
+                self.cancelled.discard(jid)
 
-    threading.Thread(target=sender, name="qwen-omni-engine-sender", daemon=True).start()
-    pool = ThreadPoolExecutor(2, thread_name_prefix="qwen-omni-prepare")
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):  # the server process is gone
-            break
-        if msg[0] == "start":
-            with lock:
-                pending.add(msg[1])
-            pool.submit(start, *msg[1:])
-        elif msg[0] == "cancel":
-            with lock:
-                g = gens.get(msg[1])
-                if g is None and msg[1] in pending:
-                    cancelled.add(msg[1])
-            if g is not None:
-                g.cancel()
-        elif msg[0] == "close":
-            break
-    pool.shutdown(wait=True)
-    sched.close()
-    done.set()
-    with cv:
-        cv.notify()
+    def _cancel(self, jid: int) -> None:
+        with self.lock:
+            g = self.gens.get(jid)
+            if g is None and jid in self.pending:
+                self.cancelled.add(jid)  # `_start` cancels it once submitted
+        if g is not None:
+            g.cancel()

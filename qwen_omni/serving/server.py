@@ -11,7 +11,7 @@ Design
   unknown model or route, 413 above `--max-body-mb` (checked on Content-Length and while reading), 429 when
   the scheduler's queue is full, 503 while loading.
 - The endpoint parses in a worker thread (base64 and JSON of large bodies would otherwise stall the event loop),
-  then `engine.start()` prepares and queues the request, and the first event is awaited before any header is
+  then `backend.start()` prepares and queues the request, and the first event is awaited before any header is
   sent: errors from preparation or prefill still get a real status, and `x-qwen-omni-cached-tokens` (prompt
   tokens reused from an earlier turn, also in `usage.prompt_tokens_details.cached_tokens`) is known.
 - Stop strings are applied here, to the text (`StopText`), for both backends; the job is cancelled at a match.
@@ -29,13 +29,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .engines import Job, LocalEngine, RemoteEngine, api_error
+from .backends import Job, LocalBackend, RemoteBackend, api_error
 from .openai_api import APIError, ChatRequest, MediaPolicy, StopText, chunk, completion, completion_id, \
     parse_chat_request, usage
-from .engine_process import ProcessEngine
+from .process_backend import ProcessBackend
 from .remote import RemoteAssistant, RemoteError
 
-log = logging.getLogger("qwen_omni.server")
+log = logging.getLogger("qwen_omni.serving.server")
 MB = 1 << 20
 
 
@@ -49,12 +49,12 @@ class ServeConfig:
 
 class State:
     def __init__(self):
-        self.engine = None
+        self.backend = None
         self.error: str | None = None
 
 
-def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], on_load_error: Callable[[str], None] | None = None):
-    """The FastAPI app; `load_engine()` runs in a background thread at start-up."""
+def create_app(cfg: ServeConfig, load_backend: Callable[[], Any], on_load_error: Callable[[str], None] | None = None):
+    """The FastAPI app; `load_backend()` runs in a background thread at start-up."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -63,8 +63,8 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], on_load_error: 
 
     def loader():
         try:
-            state.engine = load_engine()
-            log.info("ready: %s (%s backend)", model_name(), state.engine.backend)
+            state.backend = load_backend()
+            log.info("ready: %s (%s backend)", model_name(), state.backend.kind)
         except Exception as e:  # noqa: BLE001 - reported through /health and the exit status
             state.error = f"{type(e).__name__}: {e}"
             log.error("loading failed: %s", state.error)
@@ -74,14 +74,14 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], on_load_error: 
     async def lifespan(app):
         threading.Thread(target=loader, daemon=True, name="qwen-omni-loader").start()
         yield
-        if state.engine is not None:
-            await asyncio.to_thread(state.engine.close)
+        if state.backend is not None:
+            await asyncio.to_thread(state.backend.close)
 
     app = FastAPI(title="qwen-omni", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.qwen = state
 
     def model_name() -> str:
-        return cfg.served_model_name or state.engine.name
+        return cfg.served_model_name or state.backend.name
 
     @app.exception_handler(APIError)
     async def on_api_error(request, e: APIError):
@@ -104,11 +104,11 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], on_load_error: 
                            "authentication_error", code="invalid_api_key")
 
     def ready():
-        if state.engine is None:
+        if state.backend is None:
             msg = f"the model failed to load: {state.error}" if state.error else \
                 "the model is still loading; retry in a few seconds"
             raise APIError(503, msg, "service_unavailable", code="model_loading")
-        return state.engine
+        return state.backend
 
     async def read_body(request: Request) -> bytes:
         limit = cfg.max_body_bytes
@@ -128,29 +128,29 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], on_load_error: 
 
     @app.get("/health")
     async def health():
-        if state.engine is None:
+        if state.backend is None:
             return JSONResponse({"status": "failed" if state.error else "loading", "error": state.error},
                                 status_code=503)
-        return {"status": "ok", "model": model_name(), **state.engine.load()}
+        return {"status": "ok", "model": model_name(), **state.backend.load()}
 
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        engine = ready()
+        backend = ready()
         return {"object": "list", "data": [{"id": model_name(), "object": "model", "created": 0,
-                                            "owned_by": "qwen-omni", "max_model_len": engine.context_window}]}
+                                            "owned_by": "qwen-omni", "max_model_len": backend.context_window}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        engine = ready()
+        backend = ready()
         raw = await read_body(request)
         req = await asyncio.to_thread(parse, raw, cfg.policy)
         if req.model and req.model != model_name():
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name()}'",
                            "not_found_error", param="model", code="model_not_found")
         try:
-            job = await engine.start(req)
+            job = await backend.start(req)
         except Exception as e:  # noqa: BLE001 - mapped to a status
             raise api_error(e, req) from None
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))  # also while it waits for a row
@@ -249,7 +249,7 @@ async def cancel_on_disconnect(request, job: Job, every: float = 0.5) -> None:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
-def engine_loader(args) -> Callable[[], Any]:
+def backend_loader(args) -> Callable[[], Any]:
     if args.backend == "openai":
         def load_remote():
             remote = RemoteAssistant(args.base_url, api_key=args.remote_api_key, model=args.remote_model)
@@ -263,22 +263,22 @@ def engine_loader(args) -> Callable[[], Any]:
                     if attempt % 10 == 0:
                         log.warning("waiting for the upstream server: %s", e)
                     threading.Event().wait(min(2.0, 0.2 * (attempt + 1)))
-            return RemoteEngine(remote, args.max_batch, args.max_queue)
+            return RemoteBackend(remote, args.max_batch, args.max_queue)
         return load_remote
 
     def load_local():
         import torch
 
-        from .assistant import load
+        from ..assistant import load
 
         if args.engine_process:
-            return ProcessEngine(args.model, dict(device=args.device, dtype=args.dtype, quantize=args.quantize),
+            return ProcessBackend(args.model, dict(device=args.device, dtype=args.dtype, quantize=args.quantize),
                                  (args.max_batch, args.max_queue, args.max_model_len, args.prefix_cache_size),
                                  threads=args.threads, log_level=args.log_level)
         if args.threads:
             torch.set_num_threads(args.threads)
         assistant = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
-        return LocalEngine(assistant, args.max_batch, args.max_queue, args.max_model_len, args.prefix_cache_size)
+        return LocalBackend(assistant, args.max_batch, args.max_queue, args.max_model_len, args.prefix_cache_size)
     return load_local
 
 
@@ -308,7 +308,7 @@ def run_serve(args: argparse.Namespace) -> int:
         exit_code = 1
         server.should_exit = True
 
-    app = create_app(config_from_args(args), engine_loader(args), on_load_error=failed)
+    app = create_app(config_from_args(args), backend_loader(args), on_load_error=failed)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
     server.run()

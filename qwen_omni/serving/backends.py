@@ -1,7 +1,7 @@
 """What the HTTP server talks to: a local model behind the `BatchScheduler`, or a remote OpenAI-compatible server.
 
 Design
-- `engine.start(request)` (a coroutine) does the blocking preparation in a worker thread (templating, media
+- `backend.start(request)` (a coroutine) does the blocking preparation in a worker thread (templating, media
   decoding; the remote backend opens its HTTP stream there), queues the work, and returns a `Job`. Errors a
   client caused surface here, before any response header is sent, so they get a proper status code.
 - A `Job` hands events from the producing thread to the event loop (through a `Mailbox`, into an
@@ -21,14 +21,14 @@ from typing import Any
 
 import anyio
 
-from .engine.scheduler import BatchScheduler, QueueFullError, SchedulerClosedError
-from .errors import ContextOverflowError, QwenOmniError
+from ..engine.scheduler import BatchScheduler, QueueFullError, SchedulerClosedError
+from ..errors import ContextOverflowError, QwenOmniError
 from .openai_api import APIError, ChatRequest
 from .remote import RemoteAssistant, RemoteError, RemoteRequestError, RemoteUnsupportedError
-from .engine.tokenizer import StreamDecoder
-from .engine.media_cache import CachingProcessor
+from ..engine.tokenizer import StreamDecoder
+from ..engine.media_cache import CachingProcessor
 
-log = logging.getLogger("qwen_omni.server")
+log = logging.getLogger("qwen_omni.serving.server")
 
 
 def api_error(e: BaseException, req: ChatRequest | None = None) -> APIError:
@@ -161,8 +161,8 @@ class LocalJob(Job):
             self.gen.cancel()
 
 
-class LocalEngine:
-    backend = "local"
+class LocalBackend:
+    kind = "local"
 
     def __init__(self, assistant, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
                  prefix_cache_size: int | None = None):
@@ -177,7 +177,7 @@ class LocalEngine:
         gen_cfg = assistant.path / "generation_config.json"
         cfg = json.loads(gen_cfg.read_text()) if gen_cfg.is_file() else {}
         self.defaults = {k: cfg[k] for k in ("temperature", "top_p", "top_k") if cfg.get(k) is not None}
-        self._mailbox: Mailbox | None = None  # shared by this engine's jobs: one wake-up per decode step
+        self._mailbox: Mailbox | None = None  # shared by this backend's jobs: one wake-up per decode step
 
     async def start(self, req: ChatRequest) -> Job:
         loop = asyncio.get_running_loop()
@@ -221,9 +221,9 @@ class RemoteJob(Job):
         self.cancelled = True
 
 
-class RemoteEngine:
+class RemoteBackend:
     """Forwards to an OpenAI-compatible server through `RemoteAssistant`, one worker thread per request."""
-    backend = "openai"
+    kind = "openai"
 
     def __init__(self, remote: RemoteAssistant, max_batch: int = 8, max_queue: int = 64):
         self.remote, self.max_batch, self.max_queue = remote, max_batch, max_queue
