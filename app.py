@@ -2,7 +2,7 @@
 `python app.py --backend openai --base-url URL` answers through an OpenAI-compatible server instead.
 
 Thin by design: this file only lays out Gradio widgets and wires events; settings, upload checks, history
-conversion, streaming and error wording live in `qwen_omni/chat_session.py` (which never imports gradio).
+conversion, streaming and error wording live in `qwen_omni/webapp/session.py` (which never imports gradio).
 
 Speech: with "Speak replies" on, the reply is also spoken (the checkpoint's talker for full Omni models, the
 offline voice otherwise; voices from the loaded model) and its audio chunks stream into an autoplaying player
@@ -22,8 +22,9 @@ import sys
 import gradio as gr
 
 from qwen_omni import QwenOmniError
-from qwen_omni import app_settings as st
-from qwen_omni import chat_session as cs
+from qwen_omni.speech.offline_voice import join_wav
+from qwen_omni.webapp import session as cs
+from qwen_omni.webapp import settings as st
 
 STREAM_AUDIO = shutil.which("ffmpeg") is not None  # Gradio encodes a streamed player's chunks with ffmpeg
 CSS = "#qo-actions button {min-width: fit-content !important}  /* no clipped labels on a phone */"
@@ -46,8 +47,6 @@ def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
             # an audio chunk goes to the streaming player; text-only steps leave the player alone
             yield history, i == 0, (audio if audio is not None else gr.skip())
         if held:  # no ffmpeg: the player gets the whole spoken reply at the end
-            from qwen_omni.speech.offline_voice import join_wav
-
             yield gr.skip(), False, join_wav(held)
 
     @st.on_gpu

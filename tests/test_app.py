@@ -18,8 +18,8 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from qwen_omni import app_settings as st  # noqa: E402
-from qwen_omni import chat_session as cs  # noqa: E402
+from qwen_omni.webapp import settings as st  # noqa: E402
+from qwen_omni.webapp import session as cs  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

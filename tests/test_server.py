@@ -283,8 +283,8 @@ def free_port() -> int:
 
 
 def test_remote_backend_forwards_to_an_openai_compatible_peer(server, reference, model_dir):
-    from qwen_omni import app_settings as st
-    from qwen_omni import chat_session as cs
+    from qwen_omni.webapp import settings as st
+    from qwen_omni.webapp import session as cs
     from qwen_omni.serving.remote import RemoteAssistant, RemoteUnsupportedError
 
     png = png_bytes(64, 64, seed=11)

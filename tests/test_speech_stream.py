@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import qwen_omni
-from qwen_omni import chat_session as cs
+from qwen_omni.webapp import session as cs
 from qwen_omni.errors import InputError
 
 from .tiny_speech import make_qwen3_full, make_qwen25_full

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import InputError, QwenOmniError
-from .speech.offline_voice import wav_bytes
+from ..errors import InputError, QwenOmniError
+from ..speech.offline_voice import wav_bytes
 
 log = logging.getLogger("qwen_omni.app")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: qwen_omni/webapp/session.py -> ../..
 EXAMPLES_DIR = ROOT / "assets" / "examples"
 ERROR_TITLE = "⚠ Error"  # U+26A0 without the emoji selector: common text fonts have it
 GENERIC_ERROR = "Something went wrong on the server while answering (it has been logged). Please try again."

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from .chat_session import EXAMPLES_DIR, MAX_BYTES, ROOT
-from .errors import CheckpointError
+from .session import EXAMPLES_DIR, MAX_BYTES, ROOT
+from ..errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,10 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
 
 def load_assistant(settings: Settings):
     """`qwen_omni.load` with a clearer message when the embedded default model is not there."""
-    from .assistant import DEFAULT_MODEL, load
+    from ..assistant import DEFAULT_MODEL, load
 
     if settings.backend == "openai":  # --model then names the server's model (default: its first)
-        from .serving.remote import RemoteAssistant
+        from ..serving.remote import RemoteAssistant
 
         return RemoteAssistant(settings.base_url, api_key=settings.api_key, model=settings.model).connect()
     if settings.model is None and not DEFAULT_MODEL.is_dir():
