@@ -2,7 +2,7 @@
 
     python bench/moe_thinker.py                       # float32 (the CPU default of `load`), 64 new tokens
     python bench/moe_thinker.py --dtype bfloat16 --tokens 32 --keep /tmp/moe-thinker   # reuse the checkpoint
-    python bench/moe_thinker.py --dtype bfloat16 --int8 ...   # + ours with int8 decoder weights (quant.py)
+    python bench/moe_thinker.py --dtype bfloat16 --int8 ...   # + ours with int8 decoder weights (qwen_omni/models/quant.py)
 
 Model: a `Qwen3OmniMoeThinkerForConditionalGeneration` built in-process by transformers with random weights (its
 own init, bf16), `save_pretrained` to a temp dir, and loaded from there by `qwen_omni.load`; the transformers
@@ -151,7 +151,7 @@ def bytes_per_token(model, context: float) -> int:
     """Bytes one decode step reads: used weights once (experts: k of E; one embedding row ~ 0), plus the KV cache."""
     t = model.cfg.text
     total = 0
-    for name, p in [*model.named_parameters(), *model.named_buffers()]:  # int8 weights are buffers (quant.py)
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:  # int8 weights are buffers (qwen_omni/models/quant.py)
         if name.startswith(("audio_tower.", "visual.", "model.embed_tokens.")):
             continue
         n = p.numel() * p.element_size()

@@ -15,7 +15,7 @@ nothing about reuse. Random weights do not change the cost of a step.
    once the first token exists). Target: the 8-client total >= 4x the 1-client total.
 2. Second turn with an image (896 px: 784 tokens) in the history: TTFT of the follow-up question with prefix
    reuse (default server) vs. a server started with `--prefix-cache-size 0` (full re-prefill: the image is encoded
-   again and every token prefilled). Both servers keep preprocessed media (`media_cache.py`), so the difference is
+   again and every token prefilled). Both servers keep preprocessed media (`qwen_omni/engine/media_cache.py`), so the difference is
    the KV reuse itself. Median over several conversations with different images. Target: >= 5x.
 The servers are separate processes, so client threads do not share the server's interpreter. They run with one
 torch thread by default: on a machine whose cores are busy with other work, a parallel region waits for its
@@ -46,7 +46,7 @@ from tests.serve_utils import data_url, png_bytes, wait_ready  # noqa: E402
 
 # Text / vision / audio sizes of the benchmark models (everything else is the test checkpoint's).
 SHAPES = {
-    # the embedded model's shape (qwen_omni/tiny_model.py "tiny"): what this project actually serves
+    # the embedded model's shape (qwen_omni/train/tiny_model.py "tiny"): what this project actually serves
     "embedded": dict(text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                                num_key_value_heads=2, head_dim=64, moe_intermediate_size=256),
                      mrope=[12, 10, 10], vision=dict(hidden_size=128, intermediate_size=512, num_heads=4, depth=4),

@@ -20,18 +20,18 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .errors import ContextOverflowError, InputError
 from .engine.generate import generate, make_generator
+from .engine.prefix_cache import PrefixCache
+from .engine.processor import build_processor
+from .engine.sampling import SamplingParams
+from .engine.tokenizer import StreamDecoder, Tokenizer
+from .errors import ContextOverflowError, InputError
 from .models.kv_cache import copy_prefix
 from .models.loader import resolve_checkpoint
-from .models.registry import build_model
 from .models.moe import SparseMoE
-from .engine.processor import build_processor
-from .engine.prefix_cache import PrefixCache
 from .models.quant import quantize_int8
-from .engine.sampling import SamplingParams
+from .models.registry import build_model
 from .speech.switch import Speech
-from .engine.tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -67,8 +67,8 @@ def load(model: str | Path | None = None, *, device: str | None = None, dtype: s
     """Load a checkpoint (local directory or Hub id; default: the embedded model in assets/).
 
     speech: "lazy" (default) loads a full Omni checkpoint's talker and vocoder when a spoken reply is first asked
-    for; True loads them now; False disables spoken replies (see speech.py).
-    quantize: "int8" stores the decoder's linear and expert weights as int8 (CPU only; quant.py): faster decoding
+    for; True loads them now; False disables spoken replies (see speech/switch.py).
+    quantize: "int8" stores the decoder's linear and expert weights as int8 (CPU only; models/quant.py): faster decoding
     and less memory, at a small accuracy cost. The encoders, embedding, norms and routers stay in `dtype`.
     """
     if quantize not in (None, "int8"):
@@ -115,7 +115,7 @@ class Assistant:
         speech=True also speaks the reply (float32 mono 24 kHz numpy chunks): streamed, the iterator yields
         text pieces (str) and audio chunks (np.ndarray) interleaved as they are ready; not streamed, the result
         is (text, audio). Full Omni checkpoints speak with their talker (`voice` from `self.speech.voices`), other
-        models with the offline voice, whose first audio comes once the first sentence is complete (speech.py).
+        models with the offline voice, whose first audio comes once the first sentence is complete (speech/switch.py).
         `stats`, when given, is filled with token counts, timings, reuse information and, with speech, time to
         first audio and real-time factor.
         """

@@ -1,5 +1,5 @@
 """Command line: `python -m qwen_omni chat [--model PATH_OR_ID] ["question"] [--image F] [--audio F] [--video F]`,
-and `python -m qwen_omni serve [--model ...] [--host H] [--port P]` (OpenAI-compatible server, `server.py`).
+and `python -m qwen_omni serve [--model ...] [--host H] [--port P]` (OpenAI-compatible server, `serving/server.py`).
 
 With a question, the answer streams to stdout and the program exits; without one, an interactive multi-turn
 chat opens (`/reset` forgets the conversation, `/quit` or Ctrl-D leaves). Media flags attach files to the
@@ -21,7 +21,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8: decoder weights stored as int8, faster CPU decoding (quant.py)")
+                   help="int8: decoder weights stored as int8, faster CPU decoding (models/quant.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +67,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--remote-model", default=None, help="with --backend openai: upstream model id (default: first)")
     p.add_argument("--engine-process", action="store_true",
                    help="run the model in a child process, so HTTP work and decode steps do not share a GIL "
-                        "(engine_process.py)")
+                        "(serving/process_backend.py)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is best on a busy shared machine)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -82,7 +82,7 @@ def user_turn(text: str, images=(), audios=(), videos=()) -> dict:
 
 
 def run_chat(args) -> int:
-    from . import load
+    from .assistant import load
 
     assistant = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     base = [{"role": "system", "content": args.system}] if args.system else []

@@ -4,7 +4,7 @@ The layers, bottom to top, are written down once, in `LAYERS`: a module may impo
 from any lower layer, never from its own layer's other packages or from above. Imports inside functions count
 like any other; the few that stay inside a function only to save start-up time are listed in `LAZY`, each with
 its reason, and every other function-level import of ours fails the test (hoist it to the top of the module).
-The two speech families never import each other (shared layers live in `qwen_omni.speech.switch`).
+The two speech families never import each other (shared layers live in `qwen_omni.speech`).
 
 The walk reads the source (ast), so it sees imports that a run would only reach on some code path.
 """
@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     "qwen_omni.errors": 0,
     "encoders": 0,
-    "qwen_omni.synthetic.tasks": 0,
-    "qwen_omni.models.registry": 1,
+    "qwen_omni.synthetic": 0,
+    "qwen_omni.models": 1,
     "qwen_omni.engine": 2,
-    "qwen_omni.speech.switch": 3,
+    "qwen_omni.speech": 3,
     "qwen_omni.assistant": 4,
     "qwen_omni": 5,  # the package's __init__ alone: it re-exports load, Assistant and the errors
     "qwen_omni.serving": 6,
@@ -38,7 +38,6 @@ LAYERS = {
 LAZY = {
     ("qwen_omni.cli", "qwen_omni.assistant"): "`--help` and argument errors answer without importing torch",
     ("qwen_omni.cli", "qwen_omni.serving.server"): "FastAPI is imported only for `serve`",
-    ("qwen_omni.cli", "qwen_omni.webapp.space"): "the Space builder is imported only for `space`",
     ("qwen_omni.webapp.settings", "qwen_omni.assistant"): "app.py's `--help` answers without importing torch",
     ("qwen_omni.webapp.settings", "qwen_omni.serving.remote"): "httpx is imported only for the remote backend",
     ("qwen_omni.serving.server", "qwen_omni.assistant"): "with --backend openai or --engine-process this "

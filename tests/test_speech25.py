@@ -13,7 +13,7 @@ What is compared:
     without classifier-free guidance, for both speakers;
 (3) chunking: BigVGAN in chunks with its context equals one pass; the exact streaming sampler equals the whole
     decode within 1e-4; the windowed (low-latency) sampler equals it when its windows cover the utterance,
-    and its seam error at a practical context is measured (it cannot be exact: see token2wav_stream25.py);
+    and its seam error at a practical context is measured (it cannot be exact: see qwen_omni/speech/qwen25/token2wav_stream.py);
 (4) the generator APIs: codes stream while the thinker is still producing text, and `token2wav_stream25.stream`
     yields audio chunks before the last code arrives.
 """
@@ -278,7 +278,7 @@ def test_windowed_stream_seams(env):
                                         chunk_codes=8, left_codes=ctx, right_codes=ctx)))
         assert out.shape == ref.shape
         errors[ctx] = (out - ref).abs().max().item()
-    # truncated context changes the result (why: token2wav_stream25.py), less so with more context; on this
+    # truncated context changes the result (why: qwen_omni/speech/qwen25/token2wav_stream.py), less so with more context; on this
     # random model the cross-block influence is weak, so the seam error is small in absolute terms
     assert errors[0] > 1e-5 and errors[8] <= errors[0]
 

@@ -176,7 +176,7 @@ def test_qwen25_streams_and_matches_speak_and_the_whole_decode(q25):
     spk = e.speakers["Chelsie"]
     noise = FrameNoise(make_generator(5 + 2), 80).get(0, 2 * len(codes))
     whole = e.token2wav(torch.tensor([codes]), spk["cond"][None], spk["ref_mel"], noise=noise)[0].numpy()
-    seam = np.abs(audio - whole).max()  # windowed: edges see truncated context (speech.py)
+    seam = np.abs(audio - whole).max()  # windowed: edges see truncated context (qwen_omni/speech/qwen25/pipeline.py)
     assert seam < 1e-3, seam  # ~3e-6 on this tiny DiT (short reach); bench/tta.py measures realistic shapes
     e.exact = True
     _, _, exact, codes2 = spoken(a, QUESTION, max_new_tokens=60, seed=5)

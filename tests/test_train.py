@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen_omni import tiny_model as tm
-from qwen_omni import train as T
-from qwen_omni import train_data as D
+from qwen_omni.train import tiny_model as tm
+from qwen_omni.train import loop as T
+from qwen_omni.train import data as D
 from qwen_omni.synthetic.tasks import make_sample
 
 TASKS_MIX = ("colour", "beep_count", "video_beeps", "followup")
@@ -343,7 +343,7 @@ def shipped():
 
 
 def test_shipped_model_eval_slice(shipped):
-    from qwen_omni.eval import evaluate, format_table
+    from qwen_omni.train.evaluate import evaluate, format_table
 
     res = evaluate(shipped, tuple(SLICE_FLOORS), n=10, seed0=1_000_000, robust=True, progress=False)
     print(format_table(res))

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from qwen_omni.models import decoder as Dec
 from qwen_omni.synthetic import tasks as S
-from qwen_omni import tiny_model as tm
-from qwen_omni import train_data as D
-from qwen_omni.train_binding import BindingLoss, parse_heads
+from qwen_omni.train import tiny_model as tm
+from qwen_omni.train import data as D
+from qwen_omni.train.binding import BindingLoss, parse_heads
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_encode_labels_every_assistant_turn(micro):
 
 def test_binding_rows_point_at_the_named_object(micro):
     model, tok, proc = micro
-    from qwen_omni.train_vision import object_mask, token_labels
+    from qwen_omni.train.vision import object_mask, token_labels
 
     for task, seed in (("colour", 2), ("position", 5), ("scene", 1), ("followup", 3)):
         s = S.make_sample(task, seed)

@@ -1,10 +1,10 @@
-"""Stage (v): dense per-token labels for the vision encoder (`qwen_omni.train_vision`).
+"""Stage (v): dense per-token labels for the vision encoder (`qwen_omni.train.vision`).
 
 - labels land on the tokens whose pixels hold the object, in the encoder's merged-token order (checked against
   the patch rows the processor makes, so a transposed or shuffled grid fails);
 - `render_text(boxes=True)` draws the same image and returns one box per character, left to right;
 - the heads train every view the decoder gets of the vision tokens (merged tokens, then each DeepStack sum);
-- a few steps on a micro model lower the loss, and `--steps-v` runs the stage inside `qwen_omni.train`, after
+- a few steps on a micro model lower the loss, and `--steps-v` runs the stage inside `qwen_omni.train.loop`, after
   which `--train no-vision-tower` leaves the tower's blocks as stage (v) left them.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from qwen_omni.synthetic import media as sm
-from qwen_omni import tiny_model as tm
-from qwen_omni import train as T
-from qwen_omni import train_vision as V
+from qwen_omni.train import tiny_model as tm
+from qwen_omni.train import loop as T
+from qwen_omni.train import vision as V
 
 
 @pytest.fixture(scope="module")

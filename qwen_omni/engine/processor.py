@@ -37,7 +37,7 @@ from encoders import media, preprocess, video
 
 from ..errors import InputError
 from ..models.omni_config import ThinkerConfig
-from ..models.positions import RopeSpec, audio_in_video_tokens, rope_index
+from ..models.positions import RopeSpec, audio_in_video_tokens, family_rules, rope_index
 
 N_SAMPLES_30S = 30 * 16000
 
@@ -110,8 +110,7 @@ class Processor:
             vision_start_token_id=cfg.vision_start_token_id, vision_end_token_id=cfg.vision_end_token_id,
             audio_start_token_id=cfg.audio_start_token_id, audio_end_token_id=cfg.audio_end_token_id,
             spatial_merge_size=cfg.vision.spatial_merge_size, position_id_per_seconds=cfg.position_id_per_seconds,
-            seconds_per_chunk=None if cfg.is_qwen3 else (cfg.seconds_per_chunk or 2),
-            float_positions=cfg.is_qwen3, interleave="sorted" if cfg.is_qwen3 else "chunked")
+            **family_rules(cfg.is_qwen3, cfg.seconds_per_chunk))
 
     # ---- media -> features ---------------------------------------------------------------------------
     def image(self, src) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,11 +289,7 @@ class Processor:
         return out
 
     def _audio_tokens(self, frames: int) -> int:
-        from encoders.qwen3_audio import audio_output_lengths as q3
-        from encoders.qwen25_audio import audio_output_lengths as q25
-
-        n = torch.tensor([frames])
-        return int((q3(n, self.cfg.audio.n_window) if self.cfg.is_qwen3 else q25(n))[0])
+        return int(self.cfg.audio_output_lengths(torch.tensor([frames]))[0])
 
 
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:

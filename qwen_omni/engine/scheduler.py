@@ -37,9 +37,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..errors import ContextOverflowError, QwenOmniError
-from .generate import make_generator
 from ..models.group_prefill import prefill_prompts
 from ..models.kv_cache import copy_prefix
+from .generate import make_generator
 from .sampling import SamplingParams, apply_repetition_penalty, sample
 from .shared_prefix import SharedPrefixCache
 from .slot_pool import SlotPool

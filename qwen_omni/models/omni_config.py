@@ -9,14 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from encoders import qwen3_audio, qwen25_audio
 from encoders.common import from_hf_dict
 from encoders.qwen3_audio import Qwen3AudioConfig
 from encoders.qwen3_vision import Qwen3VisionConfig
 from encoders.qwen25_audio import Qwen25AudioConfig
 from encoders.qwen25_vision import Qwen25VisionConfig
 
-from .config import TextConfig
 from ..errors import CheckpointError
+from .config import TextConfig
 
 FULL_TYPES = {"qwen2_5_omni": "qwen2_5_omni_thinker", "qwen3_omni_moe": "qwen3_omni_moe_thinker"}
 THINKER_TYPES = set(FULL_TYPES.values())
@@ -45,6 +48,12 @@ class ThinkerConfig:
     @property
     def is_qwen3(self) -> bool:
         return self.model_type == "qwen3_omni_moe_thinker"
+
+    def audio_output_lengths(self, frames: torch.Tensor) -> torch.Tensor:
+        """Audio tokens per clip from its mel frame counts (long tensor): the family's encoder arithmetic."""
+        if self.is_qwen3:
+            return qwen3_audio.audio_output_lengths(frames, self.audio.n_window)
+        return qwen25_audio.audio_output_lengths(frames)
 
     @property
     def max_position_embeddings(self) -> int:

@@ -80,8 +80,13 @@ class RopeSpec:
                                    "vision_end_token_id", "audio_start_token_id", "audio_end_token_id")},
             spatial_merge_size=cfg["vision_config"]["spatial_merge_size"],
             position_id_per_seconds=cfg.get("position_id_per_seconds", 25),  # 25 is HF's default for both
-            seconds_per_chunk=None if qwen3 else cfg.get("seconds_per_chunk", 2),
-            float_positions=qwen3, interleave="sorted" if qwen3 else "chunked")
+            **family_rules(qwen3, cfg.get("seconds_per_chunk")))
+
+
+def family_rules(qwen3: bool, seconds_per_chunk: float | None = None) -> dict:
+    """The RopeSpec fields where the two families' TMRoPE differ (module docstring)."""
+    return dict(seconds_per_chunk=None if qwen3 else (seconds_per_chunk or 2), float_positions=qwen3,
+                interleave="sorted" if qwen3 else "chunked")
 
 
 def rope_index(input_ids: torch.Tensor, spec: RopeSpec, image_grid_thw: torch.Tensor | None = None,

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
 from .config import TEXT_MODEL_TYPES, TextConfig, read_config_json
 from .decoder import CausalLM
-from ..errors import CheckpointError
 from .loader import empty_weights, load_into, read_tensors
 from .omni_config import FULL_TYPES, THINKER_TYPES, ThinkerConfig
 from .thinker import Thinker

@@ -21,8 +21,8 @@ from encoders.qwen3_vision import Qwen3VisionEncoder
 from encoders.qwen25_audio import Qwen25AudioEncoder
 from encoders.qwen25_vision import Qwen25VisionEncoder
 
-from .decoder import TextModel
 from ..errors import InputError
+from .decoder import TextModel
 from .group_prefill import Prompt, prefill_prompts
 from .kv_cache import KVCache
 from .layers import Linear
@@ -122,11 +122,7 @@ class Thinker(nn.Module):
         return self.cfg.vision.spatial_merge_size
 
     def audio_token_counts(self, feature_mask: torch.Tensor) -> torch.Tensor:
-        from encoders.qwen3_audio import audio_output_lengths as q3
-        from encoders.qwen25_audio import audio_output_lengths as q25
-
-        lens = feature_mask.sum(-1).long()
-        return q3(lens, self.cfg.audio.n_window) if self.cfg.is_qwen3 else q25(lens)
+        return self.cfg.audio_output_lengths(feature_mask.sum(-1).long())
 
     def forward(self, inputs: dict, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """Logits (1, S - start, V) of prompt tokens [start:]; positions from inputs["position_ids"]."""

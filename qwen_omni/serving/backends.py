@@ -21,12 +21,12 @@ from typing import Any
 
 import anyio
 
+from ..engine.media_cache import CachingProcessor
 from ..engine.scheduler import BatchScheduler, QueueFullError, SchedulerClosedError
+from ..engine.tokenizer import StreamDecoder
 from ..errors import ContextOverflowError, QwenOmniError
 from .openai_api import APIError, ChatRequest
 from .remote import RemoteAssistant, RemoteError, RemoteRequestError, RemoteUnsupportedError
-from ..engine.tokenizer import StreamDecoder
-from ..engine.media_cache import CachingProcessor
 
 log = logging.getLogger("qwen_omni.serving.server")
 

@@ -35,10 +35,10 @@ from typing import Any
 import anyio
 
 from ..engine.scheduler import SchedulerClosedError
-from .backends import Job, LocalBackend, LocalJob, Mailbox, submit_args
-from ..errors import QwenOmniError
-from .openai_api import ChatRequest
 from ..engine.tokenizer import Tokenizer
+from ..errors import QwenOmniError
+from .backends import Job, LocalBackend, LocalJob, Mailbox, submit_args
+from .openai_api import ChatRequest
 
 
 class ProcessJob(LocalJob):

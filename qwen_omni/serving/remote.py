@@ -29,6 +29,10 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
+import numpy as np
+
+from encoders import media
+
 from ..errors import InputError, QwenOmniError
 
 
@@ -253,8 +257,6 @@ def media_part(kind: str, src: Any) -> dict:
     if kind == "image":
         mime = _sniff_image(raw) if raw is not None else None
         if mime is None:  # PIL image, array, or bytes in a format we would rather not forward
-            from encoders import media
-
             buf = io.BytesIO()
             media.load_image(raw if raw is not None else src).save(buf, "PNG")
             raw, mime = buf.getvalue(), "image/png"
@@ -312,10 +314,6 @@ def _sniff_video(b: bytes) -> str:
 
 def _to_wav(src: Any, rate: int = 16000) -> bytes:
     """Decode any audio we can read and write it as 16-bit mono wav (what every server accepts)."""
-    import numpy as np
-
-    from encoders import media
-
     x = media.load_audio(src, sr=rate)
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:

@@ -1,9 +1,9 @@
 """One spoken reply, streamed: the thinker's text and the talker's audio interleaved as each becomes ready.
 
 `SpeechPipeline` is the part both talker families share: it runs the assistant's text stream with a
-`ThinkerRecorder` watching the thinker (speech_tap.py), and after every text piece asks the family's utterance
+`ThinkerRecorder` watching the thinker (tap.py), and after every text piece asks the family's utterance
 to advance the talker as far as the text allows and the vocoder as far as the codes allow. The families
-(speech_pipeline3.py, speech_pipeline25.py) say how a talker starts and how codes become audio.
+(speech/qwen3/pipeline.py, speech/qwen25/pipeline.py) say how a talker starts and how codes become audio.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Spoken replies: who speaks for a model, and the switch that loads its talker on first use.
 
 Who speaks. A full Omni checkpoint with talker weights (`qwen2_5_omni` with `spk_dict.pt`, `qwen3_omni_moe`)
-speaks with its own talker and vocoder, streamed beside the text (speech_pipeline.py; one file per family,
+speaks with its own talker and vocoder, streamed beside the text (pipeline.py; one file per family,
 chosen through `FAMILIES`). Any other model (the embedded tiny model, text LMs, thinker-only checkpoints)
-speaks with the offline espeak-ng voice (voice.py), sentence by sentence.
+speaks with the offline espeak-ng voice (offline_voice.py), sentence by sentence.
 
 `Speech` is the per-assistant switch: `load(..., speech="lazy")` (default) reads only config.json at load time
 and loads the talker and vocoder the first time a spoken reply is asked for, so text-only use never pays their
@@ -23,8 +23,8 @@ from ..errors import CheckpointError, InputError
 from ..models.loader import safetensors_files
 from .offline_voice import VOICES, speak
 from .pipeline import Run, SpeechPipeline
-from .qwen3 import pipeline as qwen3
 from .qwen25 import pipeline as qwen25
+from .qwen3 import pipeline as qwen3
 
 # config.json model_type -> talker family; each family module has can_speak(path), voices(path) and Pipeline.
 FAMILY_OF = {"qwen3_omni_moe": "qwen3", "qwen2_5_omni": "qwen2_5"}

@@ -41,7 +41,7 @@ class Sample:
     meta: dict = field(default_factory=dict)  # modality and task details, for eval breakdowns
     # For questions about one object of an image: the image's objects ("objects", renderer geometry), its size
     # ("size") and, per assistant turn, the index of the object the answer is about ("targets"; None for the
-    # count). The trainer uses them to supervise where the decoder looks (`qwen_omni.train_binding`).
+    # count). The trainer uses them to supervise where the decoder looks (`qwen_omni.train.binding`).
 
 
 def text_parts(content: str | list[dict]) -> list[str]:

@@ -3,7 +3,7 @@
 Design
 - `app.py` is a thin Gradio layer; this module holds the logic so it can be tested without a browser and so the
   library never imports gradio. Values crossing the boundary are plain dicts/lists in Gradio's "messages" shape.
-- Settings (flags, environment, loading the model, launch options) live in `app_settings.py`.
+- Settings (flags, environment, loading the model, launch options) live in `settings.py`.
 - The browser's chat history is the source of truth: every turn re-sends the whole conversation. The library's
   `PrefixCache` notices the shared prefix and prefills only the new tokens, so there is no caching here.
 - History entries the model must not see are recognisable from their shape alone (no side state, so

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from .session import EXAMPLES_DIR, MAX_BYTES, ROOT
 from ..errors import CheckpointError
+from .session import EXAMPLES_DIR, MAX_BYTES, ROOT
 
 
 @dataclass(frozen=True)

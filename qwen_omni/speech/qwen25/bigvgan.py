@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BigVGANConfig25
 from ..vocoder_layers import SnakeBeta
+from .config import BigVGANConfig25
 
 ACT_KERNEL = 12  # taps of the anti-aliasing up/down filters (reference default)
 

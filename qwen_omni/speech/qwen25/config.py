@@ -16,8 +16,8 @@ from typing import Any
 
 from encoders.common import from_hf_dict
 
-from ...models.config import TextConfig
 from ...errors import CheckpointError
+from ...models.config import TextConfig
 
 DEFAULT_TALKER_MROPE = [16, 24, 24]  # transformers' fallback when rope_parameters lacks mrope_section
 

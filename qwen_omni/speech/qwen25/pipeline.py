@@ -1,7 +1,7 @@
 """Qwen2.5-Omni speech: its talker, and token2wav (a DiT to mel, then BigVGAN) over sliding windows.
 
 Its exact stream cannot start before the DiT's ODE look-ahead has arrived: 36 blocks = 432 codes = 8.6 s of
-speech with the released config (token2wav_stream25.py), after most replies are over. So spoken replies use
+speech with the released config (token2wav_stream.py), after most replies are over. So spoken replies use
 the windowed sampler: 24-code windows (2 blocks, 0.48 s) with 24 codes of left and 12 of right context, and
 BigVGAN in >= 24-frame pieces with its exact 34-frame context. First audio then needs ~60 codes (1.2 s of
 speech) from the talker, whatever the reply's length; the window edges differ slightly from a whole-utterance
@@ -24,13 +24,13 @@ from typing import Any, Iterator
 
 import torch
 
-from ...models.config import read_config_json
-from ...errors import CheckpointError
 from ...engine.generate import make_generator
+from ...errors import CheckpointError
+from ...models.config import read_config_json
 from ...models.loader import empty_weights, load_into, read_prefixed
-from .config import SpeechConfig25
 from ..pipeline import SpeechPipeline
 from ..tap import ThinkerRecorder
+from .config import SpeechConfig25
 from .talker import SPEECH_SYSTEM_PROMPT, TALKER_SAMPLING, Talker25, TalkerStream25, speech_messages
 from .token2wav import Token2Wav25
 from .token2wav_stream import WaveStream25

@@ -41,12 +41,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...models.decoder import TextModel
-from ...errors import InputError
+from encoders.qwen25_audio import audio_output_lengths
+
 from ...engine.generate import generate, pull_stream
-from ...models.kv_cache import KVCache
-from ...models.positions import RopeSpec, decode_positions, rope_index
 from ...engine.sampling import SamplingParams, apply_repetition_penalty, sample
+from ...errors import InputError
+from ...models.decoder import TextModel
+from ...models.kv_cache import KVCache
+from ...models.positions import RopeSpec, decode_positions, family_rules, rope_index
 from .config import TalkerConfig25
 
 # Qwen2.5-Omni README / chat-templates.md: speech output is only supported under this exact system prompt.
@@ -105,7 +107,7 @@ class Talker25(nn.Module):
             vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id,
             audio_start_token_id=c.audio_start_token_id, audio_end_token_id=c.audio_end_token_id,
             spatial_merge_size=c.spatial_merge_size, position_id_per_seconds=c.position_id_per_seconds,
-            seconds_per_chunk=c.seconds_per_chunk, float_positions=False, interleave="chunked")
+            **family_rules(qwen3=False, seconds_per_chunk=c.seconds_per_chunk))
 
     @staticmethod
     def reply_input(token_embed: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -131,8 +133,6 @@ class Talker25(nn.Module):
         text_ids = torch.cat([input_ids, torch.tensor([[bos_token, first_token]], device=dev)], dim=1)
         audio = media.get("feature_attention_mask")
         if audio is not None:
-            from encoders.qwen25_audio import audio_output_lengths
-
             audio = audio_output_lengths(audio.sum(-1).long())
         s = self.rope_spec
         ids = text_ids[0].tolist()

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bigvgan import BigVGAN25
-from ...models.config import RopeConfig
-from .ecapa import ECAPA25
 from ...errors import InputError
+from ...models.config import RopeConfig
 from ...models.rope import Rotary, apply_rotary
+from .bigvgan import BigVGAN25
 from .config import DiTConfig25, Token2WavConfig25
+from .ecapa import ECAPA25
 
 SAMPLE_RATE = 24000
 

@@ -33,8 +33,8 @@ from encoders.common import RMSNorm
 
 from ...models.layers import MLP
 from ...models.rope import Rotary, apply_rotary
-from .config import Code2WavConfig
 from ..vocoder_layers import SnakeBeta as PointwiseSnakeBeta
+from .config import Code2WavConfig
 
 SAMPLE_RATE = 24000
 

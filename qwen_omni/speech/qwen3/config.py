@@ -1,7 +1,7 @@
 """Configs of the Qwen3-Omni speech output: the talker (MoE codec LM + code predictor) and Code2Wav.
 
 Parsed from a full Qwen3-Omni `config.json` (`talker_config`, `code2wav_config` and the top-level tts/chat token
-ids) with Hugging Face field names, like `config.py` and `omni_config.py`. The two transformer stacks reuse
+ids) with Hugging Face field names, like `models/config.py` and `models/omni_config.py`. The two transformer stacks reuse
 `TextConfig`, under their HF model types:
 * `qwen3_omni_moe_talker_text`: Qwen3 layers (q/k norm), interleaved MRoPE, every layer an MoE block with a
   sigmoid-gated shared expert. HF builds every talker layer sparse whatever `mlp_only_layers` /
@@ -20,10 +20,10 @@ import torch
 
 from encoders.common import from_hf_dict
 
-from ...models.config import RopeConfig, TextConfig
 from ...errors import CheckpointError
+from ...models.config import RopeConfig, TextConfig
 from ...models.omni_config import ThinkerConfig
-from ...models.positions import RopeSpec
+from ...models.positions import RopeSpec, family_rules
 
 
 @dataclass
@@ -150,8 +150,7 @@ class SpeechConfig:
                         vision_end_token_id=thinker.vision_end_token_id,
                         audio_start_token_id=talker.audio_start_token_id,
                         audio_end_token_id=thinker.audio_end_token_id, spatial_merge_size=talker.spatial_merge_size,
-                        position_id_per_seconds=talker.position_id_per_seconds, seconds_per_chunk=None,
-                        float_positions=True, interleave="sorted")
+                        position_id_per_seconds=talker.position_id_per_seconds, **family_rules(qwen3=True))
         return cls(talker=talker, code2wav=Code2WavConfig.parse(raw["code2wav_config"]),
                    tts_pad_token_id=tok("tts_pad_token_id", 151671), tts_bos_token_id=tok("tts_bos_token_id", 151672),
                    tts_eos_token_id=tok("tts_eos_token_id", 151673), im_start_token_id=tok("im_start_token_id", 151644),

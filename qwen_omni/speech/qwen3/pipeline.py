@@ -13,15 +13,15 @@ from typing import Iterator
 
 import torch
 
-from .code2wav import Code2Wav3, Code2WavStream
-from ...models.config import read_config_json
 from ...engine.generate import make_generator
+from ...engine.sampling import SamplingParams
+from ...models.config import read_config_json
 from ...models.loader import empty_weights, load_into, read_prefixed
 from ...models.omni_config import ThinkerConfig
-from ...engine.sampling import SamplingParams
-from .config import SpeechConfig
 from ..pipeline import SpeechPipeline, audio_in_video, media_of
 from ..tap import ThinkerRecorder
+from .code2wav import Code2Wav3, Code2WavStream
+from .config import SpeechConfig
 from .talker import PREDICTOR_SAMPLING, TALKER_SAMPLING, Talker3
 
 

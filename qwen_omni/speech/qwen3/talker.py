@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...engine.generate import pull_stream
+from ...engine.sampling import SamplingParams, apply_repetition_penalty, sample
+from ...errors import InputError
 from ...models.config import TextConfig
 from ...models.decoder import TextModel
-from ...errors import InputError
-from ...engine.generate import pull_stream
 from ...models.kv_cache import KVCache
 from ...models.positions import decode_positions, rope_index
-from ...engine.sampling import SamplingParams, apply_repetition_penalty, sample
 from .config import SpeechConfig
 
 # transformers' defaults in `generate` (talker) and in the talker's code-predictor call (sampling mode).

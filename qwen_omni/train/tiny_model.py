@@ -23,11 +23,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .models.omni_config import ThinkerConfig
-from .models.registry import build_model
-from .engine.processor import Processor, ProcessorConfig
-from .synthetic.tasks import TASKS, make_sample, text_parts
-from .models.thinker import Thinker
+from ..engine.processor import Processor, ProcessorConfig
+from ..models.omni_config import ThinkerConfig
+from ..models.registry import build_model
+from ..models.thinker import Thinker
+from ..synthetic.tasks import TASKS, make_sample, text_parts
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>"]

@@ -7,7 +7,7 @@
         --run runs/ft --out runs/ft/model                                     # fine-tune on your own JSONL
 
 Stages (from scratch): (v), with --steps-v, dense per-token training of the vision encoder alone
-(`qwen_omni.train_vision`: what shape, colour, character lies under each vision token, and where that token is);
+(`qwen_omni.train.vision`: what shape, colour, character lies under each vision token, and where that token is);
 (a) alignment - captions of images/videos and transcripts of audio, so the encoders and
 their projectors learn to put what they see and hear into words; (b) instruction tuning on the full Q&A mix
 (every task of `qwen_omni.synthetic.tasks`, held-out wording never used). The decoder is trained from scratch too,
@@ -29,7 +29,7 @@ User data (`--data DIR`): every `*.jsonl` in DIR, one example per line:
 
 Loss: token cross-entropy + 0.01 x MoE load-balancing loss (Switch style, from router logits captured by
 forward hooks on every `mlp.gate`) + 0.3 x attention supervision on questions about one object of an image
-(`qwen_omni.train_binding`: chosen heads must look at that object). AdamW, linear warmup then cosine decay,
+(`qwen_omni.train.binding`: chosen heads must look at that object). AdamW, linear warmup then cosine decay,
 gradient clipping at 1.0.
 Checkpoints (model + optimizer + step + RNG) every --ckpt-every steps to RUN/ckpt.pt; `--resume` continues.
 """
@@ -42,17 +42,19 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import tiny_model as tm
-from .train_binding import BindingLoss, parse_heads
-from .train_data import STAGE_A_TASKS, STAGE_B_WEIGHTS, JsonlData, SyntheticStream, task_weights
-from .train_losses import RouterLogits, lm_loss
-from .train_schedule import stage_lr
-from .train_vision import TEXT_P, run_stage_v
+from .binding import BindingLoss, parse_heads
+from .data import STAGE_A_TASKS, STAGE_B_WEIGHTS, JsonlData, SyntheticStream, task_weights
+from .evaluate import assistant_for, evaluate, format_table
+from .losses import RouterLogits, lm_loss
+from .schedule import stage_lr
+from .vision import TEXT_P, run_stage_v
 
 PARAM_GROUPS = {
     "all": lambda n: True,
@@ -124,7 +126,7 @@ def parse_args(argv=None):
     ap.add_argument("--size", default="tiny", choices=sorted(tm.SIZES))
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--steps-v", type=int, default=0,
-                    help="stage (v) steps: dense per-token training of the vision encoder (qwen_omni.train_vision) "
+                    help="stage (v) steps: dense per-token training of the vision encoder (qwen_omni.train.vision) "
                          "before the other stages; 0 = skip")
     ap.add_argument("--lr-v", type=float, default=1e-3,
                     help="stage (v) peak LR (from scratch, 1e-3 told shape better after 400 steps than 3e-3)")
@@ -141,7 +143,7 @@ def parse_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--aux-coef", type=float, default=0.01, help="MoE load-balancing loss weight")
     ap.add_argument("--bind-coef", type=float, default=0.3,
-                    help="weight of the attention supervision on object questions (qwen_omni.train_binding)")
+                    help="weight of the attention supervision on object questions (qwen_omni.train.binding)")
     ap.add_argument("--bind-heads", default="-2:2,3;-1:0,1",
                     help="which heads it supervises: 'LAYER:HEAD,...;...' (negative layers count from the end)")
     ap.add_argument("--mix", type=mix_arg, default={},
@@ -225,14 +227,32 @@ def easy_share(start: float, stage: str, frac: float) -> float:
     return start / 3 * max(0.0, 1 - frac / 0.4)
 
 
-def stage_plan(args) -> list[tuple[str, int, str, float]]:
-    """[(stage, steps, train group, peak lr)]."""
-    plan = [("v", args.steps_v, "vision", args.lr_v)] if args.steps_v > 0 and args.data is None else []
+@dataclass(frozen=True)
+class Stage:
+    """One entry of the training plan."""
+    name: str  # "v" (vision encoder alone), "a" (alignment) or "b" (instruction tuning)
+    steps: int
+    group: str  # which parameters train (a PARAM_GROUPS key)
+    peak: float  # peak learning rate
+
+
+@dataclass
+class StageStart:
+    """Where a stage (re)starts: its first step, the plan's steps before it, a checkpoint taken inside it (or
+    None), and the stages already finished."""
+    step0: int
+    offset: int
+    state: dict | None
+    done_stages: list[str]
+
+
+def stage_plan(args) -> list[Stage]:
+    plan = [Stage("v", args.steps_v, "vision", args.lr_v)] if args.steps_v > 0 and args.data is None else []
     if args.init is not None or args.data is not None:
-        return plan + [("b", args.steps, args.train, args.lr)]
+        return plan + [Stage("b", args.steps, args.train, args.lr)]
     if args.steps_a > 0:
-        plan.append(("a", args.steps_a, args.train_a, args.lr_a or args.lr))
-    plan.append(("b", args.steps, args.train, args.lr))
+        plan.append(Stage("a", args.steps_a, args.train_a, args.lr_a or args.lr))
+    plan.append(Stage("b", args.steps, args.train, args.lr))
     return plan
 
 
@@ -263,28 +283,28 @@ def train(args) -> Path | None:
     done_stages = state.get("done_stages", []) if state else []
     global_step = state["step"] if state else 0
     offset = 0
-    for stage, steps, group, peak in plan:
-        if stage in done_stages:
-            offset += steps
+    loop = StageLoop(args, model, tok_dir, t_start)
+    for stage in plan:
+        if stage.name in done_stages:
+            offset += stage.steps
             continue
         step0 = max(0, global_step - offset)  # steps already done in this stage
-        budget_s = args.minutes * 60 * stage_share(args, plan, stage)
-        if stage == "v":
-            vision_stage(args, model, tok_dir, steps, peak, budget_s)
+        budget_s = args.minutes * 60 * stage_share(args, plan, stage.name)
+        if stage.name == "v":
+            vision_stage(args, model, tok_dir, stage.steps, stage.peak, budget_s)
             stopped = False
-            save_ckpt(ckpt_path, model, None, offset + steps, stage,
-                      {"done_stages": done_stages + [stage], "stage_elapsed": 0.0})
+            save_ckpt(ckpt_path, model, None, offset + stage.steps, stage.name,
+                      {"done_stages": done_stages + [stage.name], "stage_elapsed": 0.0})
         else:
-            stopped = run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset,
-                                state if state and state.get("stage") == stage else None, t_start, done_stages,
-                                budget_s)
+            resumed = state if state and state.get("stage") == stage.name else None
+            stopped = loop.run(stage, StageStart(step0, offset, resumed, done_stages), budget_s)
         state = None
-        offset += steps
+        offset += stage.steps
         global_step = offset
         if stopped:
             log(run, "time limit reached; checkpoint saved - rerun with --resume to continue")
             return None
-        done_stages.append(stage)
+        done_stages.append(stage.name)
     final = run / "final"
     export(model, tok_dir, final)
     log(run, f"saved {final}")
@@ -299,7 +319,7 @@ def stage_share(args, plan, stage: str) -> float:
     shares = {"v": args.v_share, "a": args.a_share}
     if stage in shares:
         return shares[stage]
-    return 1.0 - sum(shares[p[0]] for p in plan if p[0] in shares)
+    return 1.0 - sum(shares[p.name] for p in plan if p.name in shares)
 
 
 def vision_stage(args, model, tok_dir, steps: int, peak: float, budget_s: float) -> None:
@@ -319,103 +339,116 @@ def export(model, tok_dir: Path, out: Path, dtype: torch.dtype = torch.float32) 
     tm.save_pretrained(model, tok_dir, out, dtype=dtype)
 
 
-def run_stage(args, model, tok_dir, stage, steps, group, peak, step0, offset, state, t_start, done_stages,
-              budget_s: float = 0.0) -> bool:
-    """Train one stage from its step `step0`; True when --max-minutes stopped it. With budget_s the stage also
-    ends when its (resumable) elapsed time reaches budget_s."""
-    from tqdm import tqdm
+class StageLoop:
+    """Trains the stages after (v): one optimizer per stage, checkpoints, periodic evals and the time limits."""
 
-    run = args.run
-    chooser = PARAM_GROUPS[group]
-    for n, p in model.named_parameters():
-        p.requires_grad_(chooser(n))
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.98), eps=1e-8,
-                            fused=True)  # one kernel for all tensors: 6 vs 34 ms a step for the tiny model
-    if state is not None and state.get("opt"):
-        opt.load_state_dict(state["opt"])
-    log(run, f"stage {stage}: {steps} steps, training {group} ({sum(p.numel() for p in params):,} params), "
-             f"peak lr {peak}, from step {step0}")
-    loader, data = make_loader(args, stage, tok_dir, model, args.seed + 7919 * (offset + step0) + ord(stage))
-    router = RouterLogits(model)
-    binder = BindingLoss(model, parse_heads(args.bind_heads if args.bind_coef > 0 else "",
-                                            len(model.model.layers)))
-    model.train()
-    bar = tqdm(total=steps, initial=step0, desc=f"stage {stage}", disable=args.no_tqdm, dynamic_ncols=True)
-    ema = None
-    t_last = time.time()
-    warm = min(args.warmup, max(1, steps // 10))
-    elapsed0 = state.get("stage_elapsed", 0.0) if state is not None else 0.0
-    t_stage = time.time() - elapsed0
-    total_steps = steps
-    try:
-        for step in range(step0, steps):
-            batch = next(loader)
-            frac = step / steps
-            if budget_s:
-                frac = max(frac, (time.time() - t_stage) / budget_s)
-                if frac >= 1.0:
-                    log(run, f"stage {stage}: time budget {budget_s / 60:.1f} min used after {step} steps")
-                    total_steps = step
-                    break
-            for g in opt.param_groups:
-                g["lr"] = stage_lr(step, steps, warm, peak, frac)
-            if hasattr(data, "easy_p"):
-                data.easy_p = easy_share(args.easy, stage, frac)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                hidden = model.hidden(batch)
-            loss, n_tok = lm_loss(model.lm_head, hidden, batch["labels"])
-            aux = router.aux_loss()
-            bind = binder.loss(batch)
-            total = loss + args.aux_coef * aux + args.bind_coef * bind
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            value = float(loss.detach())
-            ema = value if ema is None else 0.95 * ema + 0.05 * value
-            bar.update(1)
-            bar.set_postfix(loss=f"{ema:.3f}", aux=f"{float(aux.detach()):.2f}")
-            done = step + 1
-            if done % args.log_every == 0 or done == steps:
-                dt = (time.time() - t_last) / args.log_every
-                t_last = time.time()
-                log(run, f"stage {stage} step {done}/{steps} loss {value:.4f} ema {ema:.4f} "
-                         f"aux {float(aux.detach()):.3f} bind {float(bind.detach()):.3f} "
-                         f"gnorm {float(gn):.2f} lr {opt.param_groups[0]['lr']:.2e} easy {getattr(data, 'easy_p', 0):.2f} seq {batch['input_ids'].shape[1]} "
-                         f"ntok {n_tok} {dt:.2f}s/step")
-            if done % args.ckpt_every == 0 or done == steps:
-                save_ckpt(run / "ckpt.pt", model, opt, offset + done, stage,
-                          {"done_stages": list(done_stages), "stage_elapsed": time.time() - t_stage})
-            if args.eval_every and (done % args.eval_every == 0 or done == steps) and args.data is None:
-                periodic_eval(args, model, tok_dir, done, stage)
-                router.logits.clear()
-                model.train()
-            if (args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes) or (
-                    args.stop_at_step and offset + done >= args.stop_at_step):
-                save_ckpt(run / "ckpt.pt", model, opt, offset + done, stage,
-                          {"done_stages": list(done_stages), "stage_elapsed": time.time() - t_stage})
-                return True
-        else:
-            total_steps = steps
-        if total_steps < steps:  # ended by the time budget: final checkpoint and eval of this stage
-            save_ckpt(run / "ckpt.pt", model, opt, offset + steps, stage,
-                      {"done_stages": list(done_stages) + [stage], "stage_elapsed": time.time() - t_stage})
-            if args.eval_every and args.data is None:
-                periodic_eval(args, model, tok_dir, total_steps, stage)
-    finally:
-        bar.close()
-        router.remove()
-        binder.remove()
-    return False
+    def __init__(self, args, model, tok_dir: Path, t_start: float):
+        self.args, self.model, self.tok_dir, self.t_start = args, model, tok_dir, t_start
+
+    def optimizer(self, stage: Stage, state: dict | None):
+        """Freeze all but the stage's parameter group; AdamW over the rest (no weight decay on 1-D tensors)."""
+        chooser = PARAM_GROUPS[stage.group]
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(chooser(n))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.args.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=stage.peak, betas=(0.9, 0.98),
+                                eps=1e-8, fused=True)  # fused: one kernel for all tensors
+        if state is not None and state.get("opt"):
+            opt.load_state_dict(state["opt"])
+        return opt, params
+
+    def run(self, stage: Stage, start: StageStart, budget_s: float = 0.0) -> bool:
+        """Train `stage` from `start.step0`; True when --max-minutes / --stop-at-step stopped it. With budget_s
+        the stage also ends when its (resumable) elapsed time reaches budget_s."""
+        from tqdm import tqdm
+
+        args, model, run, steps = self.args, self.model, self.args.run, stage.steps
+        opt, params = self.optimizer(stage, start.state)
+        log(run, f"stage {stage.name}: {steps} steps, training {stage.group} ({sum(p.numel() for p in params):,} "
+                 f"params), peak lr {stage.peak}, from step {start.step0}")
+        loader, data = make_loader(args, stage.name, self.tok_dir, model,
+                                   args.seed + 7919 * (start.offset + start.step0) + ord(stage.name))
+        router = RouterLogits(model)
+        binder = BindingLoss(model, parse_heads(args.bind_heads if args.bind_coef > 0 else "",
+                                                len(model.model.layers)))
+        model.train()
+        bar = tqdm(total=steps, initial=start.step0, desc=f"stage {stage.name}", disable=args.no_tqdm,
+                   dynamic_ncols=True)
+        ema = None
+        t_last = time.time()
+        warm = min(args.warmup, max(1, steps // 10))
+        t_stage = time.time() - (start.state.get("stage_elapsed", 0.0) if start.state is not None else 0.0)
+        total_steps = steps
+
+        def save(step: int, finished: bool) -> None:
+            save_ckpt(run / "ckpt.pt", model, opt, start.offset + step, stage.name,
+                      {"done_stages": list(start.done_stages) + ([stage.name] if finished else []),
+                       "stage_elapsed": time.time() - t_stage})
+
+        try:
+            for step in range(start.step0, steps):
+                batch = next(loader)
+                frac = step / steps
+                if budget_s:
+                    frac = max(frac, (time.time() - t_stage) / budget_s)
+                    if frac >= 1.0:
+                        log(run, f"stage {stage.name}: time budget {budget_s / 60:.1f} min used after {step} steps")
+                        total_steps = step
+                        break
+                for g in opt.param_groups:
+                    g["lr"] = stage_lr(step, steps, warm, stage.peak, frac)
+                if hasattr(data, "easy_p"):
+                    data.easy_p = easy_share(args.easy, stage.name, frac)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                    hidden = model.hidden(batch)
+                loss, n_tok = lm_loss(model.lm_head, hidden, batch["labels"])
+                aux = router.aux_loss()
+                bind = binder.loss(batch)
+                total = loss + args.aux_coef * aux + args.bind_coef * bind
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                value = float(loss.detach())
+                ema = value if ema is None else 0.95 * ema + 0.05 * value
+                bar.update(1)
+                bar.set_postfix(loss=f"{ema:.3f}", aux=f"{float(aux.detach()):.2f}")
+                done = step + 1
+                if done % args.log_every == 0 or done == steps:
+                    dt = (time.time() - t_last) / args.log_every
+                    t_last = time.time()
+                    log(run, f"stage {stage.name} step {done}/{steps} loss {value:.4f} ema {ema:.4f} "
+                             f"aux {float(aux.detach()):.3f} bind {float(bind.detach()):.3f} "
+                             f"gnorm {float(gn):.2f} lr {opt.param_groups[0]['lr']:.2e} "
+                             f"easy {getattr(data, 'easy_p', 0):.2f} seq {batch['input_ids'].shape[1]} "
+                             f"ntok {n_tok} {dt:.2f}s/step")
+                if done % args.ckpt_every == 0 or done == steps:
+                    save(done, finished=False)
+                if args.eval_every and (done % args.eval_every == 0 or done == steps) and args.data is None:
+                    periodic_eval(args, model, self.tok_dir, done, stage.name)
+                    router.logits.clear()
+                    model.train()
+                if (args.max_minutes and (time.time() - self.t_start) / 60 > args.max_minutes) or (
+                        args.stop_at_step and start.offset + done >= args.stop_at_step):
+                    save(done, finished=False)
+                    return True
+            else:
+                total_steps = steps
+            if total_steps < steps:  # ended by the time budget: final checkpoint and eval of this stage
+                save(steps, finished=True)
+                if args.eval_every and args.data is None:
+                    periodic_eval(args, model, self.tok_dir, total_steps, stage.name)
+        finally:
+            bar.close()
+            router.remove()
+            binder.remove()
+        return False
 
 
 def periodic_eval(args, model, tok_dir, step, stage) -> None:
-    from .eval import assistant_for, evaluate, format_table
-
     model.eval()
     t0 = time.time()
     bot = assistant_for(model, tok_dir)
@@ -429,7 +462,3 @@ def periodic_eval(args, model, tok_dir, step, stage) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     train(args)
-
-
-if __name__ == "__main__":
-    main()

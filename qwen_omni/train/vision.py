@@ -1,4 +1,4 @@
-"""Stage (v) of `qwen_omni.train`: dense, per-token supervision of the vision encoder on the synthetic world.
+"""Stage (v) of `qwen_omni.train.loop`: dense, per-token supervision of the vision encoder on the synthetic world.
 
 Why: trained only through the language-model loss, the tiny vision tower learns slowly. The answer ("star")
 is one token at the end of a long sequence, so each image gives the encoder a single, diluted signal. After
@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .synthetic import media as sm
-from .synthetic.tasks import number_text
-from .synthetic.labels import CHARS, READ_SLOTS, object_mask, token_labels
-from .train_schedule import stage_lr
+from ..synthetic import media as sm
+from ..synthetic.labels import CHARS, READ_SLOTS, object_mask, token_labels
+from ..synthetic.tasks import number_text
+from .schedule import stage_lr
 
 HEADS = {"shape": 1 + len(sm.SHAPES), "colour": 1 + len(sm.COLORS), "char": 1 + len(CHARS), "centre": 2,
          **{f"read{k}": 1 + len(CHARS) for k in range(READ_SLOTS)}}

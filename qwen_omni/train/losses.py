@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .train_data import IGNORE
-from .models.moe import SparseMoE
+from ..models.moe import SparseMoE
+from .data import IGNORE
 
 
 class RouterLogits:

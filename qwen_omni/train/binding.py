@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .models.decoder import rotate
-from .synthetic.labels import object_mask, token_labels
+from ..models.decoder import rotate
+from ..synthetic.labels import object_mask, token_labels
 
 
 def parse_heads(spec: str, n_layers: int) -> dict[int, list[int]]:

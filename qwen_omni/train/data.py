@@ -1,4 +1,4 @@
-"""Training data for `qwen_omni.train`: synthetic-world or user JSONL samples -> padded model-input batches.
+"""Training data for `qwen_omni.train.loop`: synthetic-world or user JSONL samples -> padded model-input batches.
 
 Design: a sample (chat messages + answer) goes through the serving `Processor`, so training sees exactly the
 token ids, media tensors and MRoPE positions that inference does; labels cover every assistant turn's answer and
@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine.tokenizer import Tokenizer
+from ..models.omni_config import ThinkerConfig
+from ..synthetic import audio as sa
+from ..synthetic import media as sm
+from ..synthetic.tasks import iter_samples
 from . import tiny_model as tm
-from .synthetic.tasks import iter_samples
-from .synthetic import audio as sa
-from .synthetic import media as sm
-from .models.omni_config import ThinkerConfig
-from .engine.tokenizer import Tokenizer
-from .train_binding import targets
+from .binding import targets
 
 IGNORE = -100
 

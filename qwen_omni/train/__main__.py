@@ -1,0 +1,4 @@
+"""`python -m qwen_omni.train`: see qwen_omni/train/loop.py."""
+from .loop import main
+
+main()
