@@ -284,3 +284,87 @@ def test_zero_gpu_loads_on_cuda_with_the_talker(monkeypatch):
     with pytest.raises(st.CheckpointError):
         st.load_assistant(st.parse_settings(["--model", "m"], {}))
     assert (asked["device"], asked["speech"]) == (None, "lazy")  # elsewhere nothing changes
+
+
+# ------------------------------------------------------------------------------------------ fresh venv (opt-in)
+
+VENV = os.environ.get("QWEN_OMNI_SPACE_VENV", "")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], cwd: Path, ready: str, log: Path, timeout: float = 120) -> subprocess.Popen:
+    """A server process whose output goes to `log`; returns once `ready` shows there."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
+    deadline = time.monotonic() + timeout
+    while ready not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{cmd[1:]} did not start:\n{log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.skipif(not VENV, reason="minutes of pip: QWEN_OMNI_SPACE_VENV=1 (a new venv) or =PATH (reuse one)")
+def test_fresh_venv_serves_the_space(embedded, tmp_path_factory):
+    """Only the folder's requirements: `python app.py` from inside it answers in a browser; `chat` and `serve` run."""
+    import httpx
+
+    from tests.test_app import CHROMIUM, CHROMIUM_ARGS, first_screen, send, watch_reply
+
+    venv = Path(VENV) if VENV != "1" else tmp_path_factory.mktemp("venv") / "v"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py, folder, logs = str(venv / "bin" / "python"), embedded.path, tmp_path_factory.mktemp("logs")
+    subprocess.run([py, "-m", "pip", "install", "-q", "-r", "requirements.txt"], cwd=folder, check=True, timeout=1200)
+    probe = "import importlib.util as u; print([m for m in ('transformers', 'pytest', 'playwright', 'openai') " \
+            "if u.find_spec(m)])"  # the runtime requirements bring none of the test stack
+    assert subprocess.run([py, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+    r = subprocess.run([py, "-m", "qwen_omni", "chat", "What colour is the star?", "--image",
+                        "assets/examples/shapes.png", "--max-new-tokens", "8"], cwd=folder, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "white", (r.stdout, r.stderr[-2000:])
+
+    port = free_port()
+    serve = start([py, "-m", "qwen_omni", "serve", "--port", str(port)], folder, "Uvicorn running", logs / "serve.log")
+    try:
+        deadline = time.monotonic() + 120
+        while httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code != 200:  # still loading
+            assert time.monotonic() < deadline, (logs / "serve.log").read_text()[-2000:]
+            time.sleep(0.5)
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+            "model": "tiny-omni", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "What can you do?"}]}).json()
+        assert reply["choices"][0]["message"]["content"], reply
+    finally:
+        serve.terminate()
+        serve.wait(30)
+
+    port = free_port()
+    app = start([py, "app.py", "--port", str(port)], folder, "serving at", logs / "app.log")
+    try:
+        if not Path(CHROMIUM).exists():
+            pytest.skip("needs Debian's Chromium: apt-get install -y chromium")
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page, box = first_screen(browser, f"http://127.0.0.1:{port}/")
+                page.get_by_label("Temperature (0 = greedy)").first.fill("0")
+                send(page, box, "What colour is the star?", files=[folder / "assets/examples/shapes.png"])
+                seen = watch_reply(page, "first token", timeout=120)
+                assert seen and seen[-1].startswith("white") and "first token" in seen[-1], seen[-3:]
+            finally:
+                browser.close()
+    finally:
+        app.terminate()
+        app.wait(30)
