@@ -193,7 +193,8 @@ def gitattributes(folder: Path) -> tuple[str, list[str]]:
         if not matches_lfs(rel, list(LFS_PATTERNS)) and oversize(f, f.stat().st_size):
             extra.append(rel.replace(" ", "[[:space:]]"))  # gitattributes has no quoting; this is git's advice
     rules = [f"{p} filter=lfs diff=lfs merge=lfs -text" for p in (*LFS_PATTERNS, *extra)]
-    return "# weights, audio, video, images and any other big file go through LFS/Xet\n" + "\n".join(rules) + "\n", extra
+    head = "# weights, audio, video, images and any other big file go through LFS/Xet\n"
+    return head + "\n".join(rules) + "\n", extra
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -234,7 +235,7 @@ def build_space(out: str | Path, model: str | None = None, hardware: str = "cpu-
         name = "the embedded tiny-omni model"
     elif local.is_dir():
         shutil.copytree(local, out / "model", ignore=ignore)
-        app = SPACE_MODEL_LINE.sub('SPACE_MODEL: str | None = "model"  # the checkpoint copied in by qwen_omni space', app)
+        app = SPACE_MODEL_LINE.sub('SPACE_MODEL: str | None = "model"  # copied in by qwen_omni space', app)
         name = f"the checkpoint {local.name}"
     else:
         hub_model = model
