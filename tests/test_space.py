@@ -61,16 +61,21 @@ def requirement_names(folder: Path) -> dict[str, str]:
 
 
 def check_push_rules(folder: Path) -> list[str]:
-    """Files the Hub would refuse: over 10 MB, or binary over 1 MB, outside .gitattributes' LFS patterns."""
-    patterns = lfs_patterns(folder)
-    bad = []
-    for f in folder.rglob("*"):
-        rel = f.relative_to(folder).as_posix()
-        if f.is_file() and not sp.matches_lfs(rel, patterns):
+    """Files the Hub would refuse: over 10 MB, or binary over 1 MB, that .gitattributes does not send through LFS,
+    as git itself reads .gitattributes (`git check-attr` in a scratch repository)."""
+    big = []
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and ".git" not in f.relative_to(folder).parts:
             size = f.stat().st_size
             if size > 10 * sp.MB or (size > sp.MB and b"\0" in f.read_bytes()[:8000]):
-                bad.append(rel)
-    return bad
+                big.append(f.relative_to(folder).as_posix())
+    if not big:
+        return []
+    if not (folder / ".git").exists():
+        subprocess.run(["git", "init", "-q", str(folder)], check=True)
+    out = subprocess.run(["git", "check-attr", "filter", "--stdin", "-z"], cwd=folder, input="\0".join(big) + "\0",
+                         capture_output=True, text=True, check=True).stdout.split("\0")
+    return [path for path, _, value in zip(out[0::3], out[1::3], out[2::3]) if value != "lfs"]
 
 
 def metadata(folder: Path) -> dict:
@@ -93,7 +98,7 @@ def test_embedded_space_for_cpu_basic(embedded):
     assert sp.matches_lfs("assets/tiny-omni/model.safetensors", lfs_patterns(folder))
     assert all(sp.matches_lfs(f"assets/examples/{n}", lfs_patterns(folder))
                for n in ("beeps.wav", "moving.mp4", "number.jpg", "shapes.png", "spoken.mp3"))
-    assert check_push_rules(folder) == []
+    assert check_push_rules(folder) == [] and sp.matches_lfs("a/b.safetensors", ["*.safetensors"])
     assert not list(folder.rglob("__pycache__")) and (folder / "qwen_omni" / "webapp" / "space.py").is_file()
     assert re.search(r"^SPACE_MODEL: str \| None = None", (folder / "app.py").read_text(), re.M)
 
@@ -147,8 +152,9 @@ def test_local_checkpoint_and_files_over_the_limits(tmp_path):
     s = sp.build_space(tmp_path / "out", model=str(ckpt), hardware="t4")
     assert s.hardware == "t4-small" and sorted(s.lfs_paths) == ["model/codes.dat", "model/vocab[[:space:]]big.txt"]
     assert 'SPACE_MODEL: str | None = "model"' in (s.path / "app.py").read_text()
-    assert check_push_rules(s.path) == ["model/vocab big.txt"]  # fnmatch has no [[:space:]]; git does
-    assert "model/codes.dat filter=lfs" in (s.path / ".gitattributes").read_text()
+    assert check_push_rules(s.path) == [] and "model/codes.dat filter=lfs" in (s.path / ".gitattributes").read_text()
+    (s.path / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    assert check_push_rules(s.path) == ["model/codes.dat", "model/vocab big.txt"]  # the check can fail
 
 
 def test_hardware_names_and_torch_pins():
