@@ -39,6 +39,6 @@ def pytest_terminal_summary(terminalreporter):
             if name in reason.lower():
                 missing[package] = missing.get(package, 0) + 1
     if missing:
-        counts = ", ".join(f"{n} need {p}" for p, n in sorted(missing.items()))
+        counts = ", ".join(f"{n} need{'s' if n == 1 else ''} {p}" for p, n in sorted(missing.items()))
         terminalreporter.write_line(f"skipped for want of system packages ({counts}); install them with: "
                                     f"apt-get install -y {' '.join(sorted(missing))}", yellow=True)
