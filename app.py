@@ -12,26 +12,67 @@ Events: submit and regenerate are generator callbacks, so tokens stream into the
 Stop cancels them (Gradio closes the generator, which closes the library stream and frees the model at once).
 Undo and Clear skip the queue so they answer even while other tabs wait for a reply. Every flag can also be
 given as an environment variable (QWEN_OMNI_MODEL, ..., GRADIO_SERVER_NAME/GRADIO_SERVER_PORT) for Spaces.
+
+Hugging Face Spaces (`python -m qwen_omni space` writes one): `spaces` is imported before anything imports torch.
+On ZeroGPU the model is loaded onto `cuda` here, in the main process, talker included (ZeroGPU moves it onto a GPU
+for each call), and the two functions that run the model (`gpu_callbacks`) run under `spaces.GPU` with a duration
+grown from the requested new tokens and speech. They run in a forked worker: what they yield is pickled back (plain
+lists, dicts, strings and WAV bytes; Gradio objects are made here), and what they change there is lost when the
+call ends: the prefix cache (a follow-up turn is prefilled in full again) and anything loaded lazily. The history
+lives in the browser, so no conversation state is lost. On CPU and ordinary GPU Spaces nothing of this changes.
 """
 from __future__ import annotations
 
-import logging
-import shutil
-import sys
+import os
 
-import gradio as gr
+# ZeroGPU's `spaces` patches torch when imported and refuses to start once CUDA is initialised, so it comes before
+# qwen_omni (torch); off Spaces it is not imported here (settings.on_gpu still uses it when installed: inert there).
+if os.environ.get("SPACE_ID") or os.environ.get("SYSTEM") == "spaces":
+    try:
+        import spaces  # noqa: F401
+    except ImportError:
+        if os.environ.get("SPACES_ZERO_GPU"):
+            raise SystemExit("qwen-omni: ZeroGPU needs the `spaces` package in requirements.txt") from None
 
-from qwen_omni import QwenOmniError
-from qwen_omni.speech.offline_voice import join_wav
-from qwen_omni.webapp import session as cs
-from qwen_omni.webapp import settings as st
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+from qwen_omni import QwenOmniError  # noqa: E402
+from qwen_omni.speech.offline_voice import join_wav  # noqa: E402
+from qwen_omni.webapp import session as cs  # noqa: E402
+from qwen_omni.webapp import settings as st  # noqa: E402
+
+SPACE_MODEL: str | None = None  # the checkpoint when neither --model nor QWEN_OMNI_MODEL names one (set by `space`)
 
 STREAM_AUDIO = shutil.which("ffmpeg") is not None  # Gradio encodes a streamed player's chunks with ffmpeg
 CSS = "#qo-actions button {min-width: fit-content !important}  /* no clipped labels on a phone */"
 
 
+def gpu_callbacks(session: cs.ChatSession, settings: st.Settings):
+    """(submit_steps, regenerate_steps): the generators that run the model, under `spaces.GPU` where `spaces` is
+    installed. They yield (history, warning, audio) tuples of plain values only, because on ZeroGPU they run in a
+    forked worker whose yields are pickled back to this process."""
+    def duration(sampling: cs.Sampling, *_) -> int:  # called with the decorated function's arguments
+        return st.gpu_duration(min(int(sampling.max_new_tokens), settings.max_new_tokens), sampling.speak)
+
+    @st.on_gpu(duration)
+    def submit_steps(sampling: cs.Sampling, message, history, system, extra_files):
+        yield from session.submit(message, history, system, sampling, extra_files, True)
+
+    @st.on_gpu(duration)
+    def regenerate_steps(sampling: cs.Sampling, history, system):
+        yield from session.regenerate(history, system, sampling, True)
+
+    return submit_steps, regenerate_steps
+
+
 def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
     session = cs.ChatSession(assistant, max_new_tokens=settings.max_new_tokens)
+    submit_steps, regenerate_steps = gpu_callbacks(session, settings)
 
     voices = cs.voice_choices(assistant)
 
@@ -49,19 +90,17 @@ def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
         if held:  # no ffmpeg: the player gets the whole spoken reply at the end
             yield gr.skip(), False, join_wav(held)
 
-    @st.on_gpu
     def submit(message, cam_image, cam_video, history, system, temperature, top_p, top_k, max_new, seed, av,
                speak=False, voice="default"):
         sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, av, bool(speak), voice)
         extra = [f for f in (cam_image, cam_video) if f]
-        for history, first, audio in stream(session.submit(message, history, system, sampling, extra, True)):
+        for history, first, audio in stream(submit_steps(sampling, message, history, system, extra)):
             # the input box and camera are emptied once, so typing during the stream is not wiped
             yield (history, *((gr.MultimodalTextbox(value=None), None, None) if first else (gr.skip(),) * 3), audio)
 
-    @st.on_gpu
     def regenerate(history, system, temperature, top_p, top_k, max_new, seed, av, speak=False, voice="default"):
         sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, av, bool(speak), voice)
-        yield from ((h, a) for h, _, a in stream(session.regenerate(history, system, sampling, True)))
+        yield from ((h, a) for h, _, a in stream(regenerate_steps(sampling, history, system)))
 
     def undo(history):
         history, message = cs.undo(history)
@@ -128,6 +167,9 @@ def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
 
 
 def main(argv: list[str] | None = None, *, block: bool = True) -> gr.Blocks:
+    if SPACE_MODEL and not os.environ.get("QWEN_OMNI_MODEL"):  # a folder beside app.py, else a Hub id
+        local = Path(__file__).resolve().parent / SPACE_MODEL
+        os.environ["QWEN_OMNI_MODEL"] = str(local) if local.is_dir() else SPACE_MODEL
     settings = st.parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks would flood the log

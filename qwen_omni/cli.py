@@ -1,5 +1,6 @@
 """Command line: `python -m qwen_omni chat [--model PATH_OR_ID] ["question"] [--image F] [--audio F] [--video F]`,
-and `python -m qwen_omni serve [--model ...] [--host H] [--port P]` (OpenAI-compatible server, `serving/server.py`).
+`python -m qwen_omni serve [--model ...] [--host H] [--port P]` (OpenAI-compatible server, `serving/server.py`) and
+`python -m qwen_omni space DIR [--model ...] [--hardware ...]` (a Hugging Face Space folder, `webapp/space.py`).
 
 With a question, the answer streams to stdout and the program exits; without one, an interactive multi-turn
 chat opens (`/reset` forgets the conversation, `/quit` or Ctrl-D leaves). Media flags attach files to the
@@ -41,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=int, default=0)
     chat.add_argument("--seed", type=int, default=None)
     add_serve_parser(sub)
+    space = sub.add_parser("space", help="write a Hugging Face Space folder (app, library, model, README YAML)")
+    space.add_argument("dir", help="the folder to write (new or empty)")
+    space.add_argument("--model", default=None,
+                       help="a Hub id (fetched by the Space's build) or a checkpoint directory (copied in); "
+                            "default: the embedded model, copied in")
+    space.add_argument("--hardware", default="cpu-basic",
+                       help="Space hardware: cpu-basic, zero-gpu, t4-small, l4, a10g, a100-large, ... "
+                            "(decides the Python version and torch pin)")
+    space.add_argument("--force", action="store_true", help="replace a previous build in DIR")
     return ap
 
 
@@ -139,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             from .serving.server import run_serve
 
             return run_serve(args)
+        if args.command == "space":  # imported here: it needs no torch, and chat/serve need none of it
+            from .webapp.space import run_space
+
+            return run_space(args)
         return run_chat(args)
     except (QwenOmniError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

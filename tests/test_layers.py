@@ -38,6 +38,7 @@ LAYERS = {
 LAZY = {
     ("qwen_omni.cli", "qwen_omni.assistant"): "`--help` and argument errors answer without importing torch",
     ("qwen_omni.cli", "qwen_omni.serving.server"): "FastAPI is imported only for `serve`",
+    ("qwen_omni.cli", "qwen_omni.webapp.space"): "the Space builder is imported only for `space`",
     ("qwen_omni.webapp.settings", "qwen_omni.assistant"): "app.py's `--help` answers without importing torch",
     ("qwen_omni.webapp.settings", "qwen_omni.serving.remote"): "httpx is imported only for the remote backend",
     ("qwen_omni.serving.server", "qwen_omni.assistant"): "with --backend openai or --engine-process this "

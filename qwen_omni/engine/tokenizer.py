@@ -33,7 +33,11 @@ class Tokenizer:
 
             backend = Backend.from_file(str(path / "tokenizer.json"))
         elif (path / "vocab.json").is_file():
-            from transformers import AutoTokenizer
+            try:  # transformers is a dev requirement only: the official checkpoints ship tokenizer.json
+                from transformers import AutoTokenizer
+            except ImportError:
+                raise CheckpointError(f"{path} has no tokenizer.json, and building one from its vocab.json needs "
+                                      "transformers: pip install -r requirements-dev.txt (or transformers)") from None
 
             backend = AutoTokenizer.from_pretrained(str(path)).backend_tokenizer
         else:

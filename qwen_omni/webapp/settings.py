@@ -3,6 +3,10 @@
 Settings come from flags, then `QWEN_OMNI_*` environment variables, then Gradio's own `GRADIO_SERVER_NAME` /
 `GRADIO_SERVER_PORT` (what Hugging Face Spaces sets), then defaults (`parse_settings`). A bad environment value
 is reported like a bad flag. Like `chat_session`, this module never imports gradio.
+
+On a ZeroGPU Space (`SPACES_ZERO_GPU` set) the model is loaded onto `cuda` unless --device says otherwise, and its
+talker at once: under ZeroGPU a lazily loaded talker would be loaded inside a GPU call's forked worker and lost
+with it. `on_gpu` and `gpu_duration` are the `spaces.GPU` wiring app.py uses.
 """
 from __future__ import annotations
 
@@ -90,7 +94,9 @@ def load_assistant(settings: Settings):
         raise CheckpointError(
             f"the default model ({DEFAULT_MODEL.relative_to(ROOT)}) is not in this checkout; pass --model PATH "
             f"(a checkpoint directory or a Hub id such as Qwen/Qwen2.5-Omni-3B) or set QWEN_OMNI_MODEL")
-    assistant = load(settings.model, device=settings.device, dtype=settings.dtype, quantize=settings.quantize)
+    zero = zero_gpu()
+    assistant = load(settings.model, device=settings.device or ("cuda" if zero else None), dtype=settings.dtype,
+                     quantize=settings.quantize, speech=True if zero else "lazy")
     assistant.speech.max_audio_seconds = settings.max_audio_seconds
     return assistant
 
@@ -105,10 +111,32 @@ def launch_options(settings: Settings) -> dict:
             "allowed_paths": [str(EXAMPLES_DIR)], "ssr_mode": False, "quiet": True}
 
 
-def on_gpu(fn: Callable) -> Callable:
-    """`spaces.GPU` on Hugging Face ZeroGPU Spaces; the function itself everywhere else."""
+def zero_gpu(environ: dict[str, str] | None = None) -> bool:
+    """Whether this runs on a ZeroGPU Space (the variable and values the `spaces` package itself reads)."""
+    return (os.environ if environ is None else environ).get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+
+
+# ZeroGPU reserves a GPU for the seconds a call declares: a call running longer is cut off (the default, 60 s, can
+# cut a long spoken reply), and a larger declaration waits longer in the queue and is refused when it exceeds the
+# visitor's remaining daily quota. So the budget follows what was asked: a fixed part (attaching the GPU, encoding
+# media, prefill), then per requested new token, more when the reply is spoken (talker and vocoder run per text
+# token). These are margins chosen without a ZeroGPU to time them on; the cap keeps one call within a quota.
+GPU_SECONDS_BASE = 15
+GPU_SECONDS_PER_TOKEN = 0.05
+GPU_SECONDS_PER_SPOKEN_TOKEN = 0.3
+GPU_SECONDS_MAX = 300
+
+
+def gpu_duration(max_new_tokens: int, speak: bool) -> int:
+    per_token = GPU_SECONDS_PER_TOKEN + (GPU_SECONDS_PER_SPOKEN_TOKEN if speak else 0.0)
+    return int(min(GPU_SECONDS_MAX, GPU_SECONDS_BASE + per_token * max(1, int(max_new_tokens))))
+
+
+def on_gpu(duration: Callable[..., int]) -> Callable[[Callable], Callable]:
+    """`spaces.GPU(duration=duration)` where the `spaces` package is installed (it does nothing off ZeroGPU);
+    the function itself elsewhere. `duration` is called with the decorated function's arguments."""
     try:
         import spaces  # type: ignore[import-not-found]
     except ImportError:
-        return fn
-    return spaces.GPU(fn)
+        return lambda fn: fn
+    return spaces.GPU(duration=duration)
