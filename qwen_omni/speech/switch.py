@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError, InputError
 from ..models.loader import safetensors_files
+from ..models.omni_config import THINKER_TYPES
 from .offline_voice import VOICES, speak
 from .pipeline import Run, SpeechPipeline
 from .qwen25 import pipeline as qwen25
@@ -58,8 +59,8 @@ class Speech:
         if mode not in (True, False, "lazy"):
             raise InputError(f"speech must be True, False or 'lazy', not {mode!r}")
         self.assistant, self.mode = assistant, mode
-        self.family = talker_family(assistant.path) if mode is not False and assistant.kind in (
-            "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker") else None
+        self.family = talker_family(assistant.path) if mode is not False and assistant.kind in THINKER_TYPES \
+            else None
         self.pipeline: SpeechPipeline | None = None
         self._max_audio_seconds: float | None = None
         self._lock = threading.Lock()
