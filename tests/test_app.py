@@ -1,4 +1,4 @@
-"""The Gradio app: chat_session logic without a server, then the real app over HTTP and in a headless browser.
+"""The Gradio app: webapp.session logic without a server, then the real app over HTTP and in a headless browser.
 
 The main server is the app as a user starts it: `app.main` with no --model, so the embedded assets/tiny-omni,
 on a free port. Decoding is slowed to ~30 ms/token so that streams can be observed and stopped mid-way. Every

@@ -2,7 +2,7 @@
 
 Settings come from flags, then `QWEN_OMNI_*` environment variables, then Gradio's own `GRADIO_SERVER_NAME` /
 `GRADIO_SERVER_PORT` (what Hugging Face Spaces sets), then defaults (`parse_settings`). A bad environment value
-is reported like a bad flag. Like `chat_session`, this module never imports gradio.
+is reported like a bad flag. Like `session.py`, this module never imports gradio.
 
 On a ZeroGPU Space (`SPACES_ZERO_GPU` set) the model is loaded onto `cuda` unless --device says otherwise, and its
 talker at once: under ZeroGPU a lazily loaded talker would be loaded inside a GPU call's forked worker and lost
