@@ -223,20 +223,29 @@ def ref_positions(env, ref: dict, aiv: bool):
         ref.get("video_second_per_grid"))
 
 
-def ours_greedy(env, inputs: dict, n: int = N_NEW) -> list[int]:
-    """The loop `Assistant.chat` runs, with stop tokens off (HF's min_new_tokens) and a fresh cache."""
+def ours_greedy(env, inputs: dict, n: int = N_NEW) -> tuple[list[int], torch.Tensor]:
+    """The loop `Assistant.chat` runs, with stop tokens off (HF's min_new_tokens) and a fresh cache: the tokens,
+    and the (n, V) logits each was picked from (prefill, then every decode step)."""
     model = env.ours.model
     cache = model.new_cache(1, inputs["input_ids"].shape[1] + n)
+    logits: list[torch.Tensor] = []
+
+    def keep(out: torch.Tensor) -> torch.Tensor:
+        logits.append(out.reshape(-1, out.shape[-1])[-1:].float().clone())
+        return out
+
     with torch.no_grad():
-        return list(generate(lambda: model.prefill(inputs, cache), lambda t: model.decode_step(t, cache),
-                             context_ids=inputs["input_ids"], max_new_tokens=n, stop_ids=[],
-                             params=SamplingParams(), generator=None))
+        ids = list(generate(lambda: keep(model.prefill(inputs, cache)), lambda t: keep(model.decode_step(t, cache)),
+                            context_ids=inputs["input_ids"], max_new_tokens=n, stop_ids=[],
+                            params=SamplingParams(), generator=None))
+    return ids, torch.cat(logits)[:len(ids)]
 
 
-def hf_greedy(env, ref: dict, aiv: bool, n: int = N_NEW) -> list[int]:
+def hf_greedy(env, ref: dict, aiv: bool, n: int = N_NEW) -> tuple[list[int], torch.Tensor]:
     kw = dict(ref, use_audio_in_video=True) if aiv else dict(ref)
-    out = env.hf.generate(**kw, do_sample=False, max_new_tokens=n, min_new_tokens=n)
-    return out[0, ref["input_ids"].shape[1]:].tolist()
+    out = env.hf.generate(**kw, do_sample=False, max_new_tokens=n, min_new_tokens=n, output_logits=True,
+                          return_dict_in_generate=True)
+    return out.sequences[0, ref["input_ids"].shape[1]:].tolist(), torch.cat(out.logits).float()
 
 
 def max_logit_delta(env, ours: dict, ref: dict, aiv: bool) -> float:
@@ -269,9 +278,14 @@ def test_logits_match(env, name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_greedy_tokens_match(env, name):
+    """Identical tokens, and every step's logits agree too: on random weights greedy output can repeat one token,
+    which alone would say little about the decode positions (rope delta) of later steps."""
     ours, ref, aiv = prepared(env, name)
-    expected = hf_greedy(env, ref, aiv)
-    assert len(expected) == N_NEW and ours_greedy(env, ours) == expected
+    expected, ref_logits = hf_greedy(env, ref, aiv)
+    ids, logits = ours_greedy(env, ours)
+    assert len(expected) == N_NEW and ids == expected
+    assert logits.shape == ref_logits.shape == (N_NEW, env.hf.config.text_config.vocab_size)
+    assert (logits - ref_logits).abs().max().item() <= 1e-4
 
 
 def test_two_turn_chat_reuses_the_first_turn(env):
@@ -291,7 +305,7 @@ def test_two_turn_chat_reuses_the_first_turn(env):
         a.prefix_cache.clear()
     first_prompt = a.prepare(msgs[:1])["input_ids"].shape[1]
     assert stats["reused_tokens"] == first_prompt and stats["completion_tokens"] == N_NEW
-    assert text == a.tokenizer.decode(hf_greedy(env, ref, False), skip_special_tokens=True)
+    assert text == a.tokenizer.decode(hf_greedy(env, ref, False)[0], skip_special_tokens=True)
 
 
 def test_audio_over_30s_is_encoded_whole(env):

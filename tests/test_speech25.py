@@ -8,8 +8,8 @@ that a miswired part shows, saved with `save_pretrained`, plus a `spk_dict.pt` o
 What is compared:
 (1) codes: our thinker -> talker stream (`speak`, greedy talker) against HF `generate(talker_do_sample=False)`
     on an image + audio + text prompt under the speech system prompt; thinker tokens and every code equal; the
-    resulting waveforms (the same seed, so the same initial noise) within 1e-3;
-(2) token2wav with the same codes and an explicit shared noise: waveform within 1e-3 (in practice 0), with and
+    resulting waveforms (the same seed, so the same initial noise) within 1e-5;
+(2) token2wav with the same codes and an explicit shared noise: waveform within 1e-5 (in practice 0), with and
     without classifier-free guidance, for both speakers;
 (3) chunking: BigVGAN in chunks with its context equals one pass; the exact streaming sampler equals the whole
     decode within 1e-4; the windowed (low-latency) sampler equals it when its windows cover the utterance,
@@ -181,8 +181,8 @@ def test_talker_codes_and_wave_match_reference_generate(env, mode):
     torch.manual_seed(11)
     ours = env["t2w"](torch.tensor([codes]), *spk(env))[0]
     assert ours.shape == wav_ref.shape == (len(codes) * 480,)
-    assert (ours - wav_ref).abs().max().item() <= 1e-3
-    assert wav_ref.abs().max().item() > 1e-3  # a real signal, not the clamp or silence
+    assert (ours - wav_ref).abs().max().item() <= 1e-5  # float32 rounding (measured 0)
+    assert wav_ref.std().item() > 0.02  # a real signal, far above the allowance
 
 
 # --------------------------------------------------------------------------------------- (2) token2wav parity
@@ -199,7 +199,7 @@ def test_token2wav_matches_reference_with_shared_noise(env, speaker, guidance, s
     torch.manual_seed(5)
     noise = torch.randn(1, 28, 80)  # what the reference draws first, made explicit
     ours = env["t2w"](codes, s["cond"][None], s["ref_mel"], noise=noise, num_steps=steps, guidance_scale=guidance)[0]
-    assert (ours - ref).abs().max().item() <= 1e-3
+    assert ref.std().item() > 0.02 and (ours - ref).abs().max().item() <= 1e-5
     torch.manual_seed(5)
     with torch.no_grad():
         ref_mel = env["hf"].token2wav.code2wav_dit_model.sample(s["cond"][None], s["ref_mel"], codes,

@@ -6,10 +6,10 @@ expert, 4 code groups; Code2Wav 1 layer, window 8) saved with `save_pretrained`,
 (greedy thinker, `talker_do_sample=False`, which also makes the code predictor greedy) on a prompt with a system
 turn, an image and audio. HF's talker reads `config.audio_config`, which its talker config lacks: we set it from
 the thinker (the documented workaround) after saving. Code2Wav weights are re-drawn with a gain that gives a
-clip of std ~0.1 and no clamping, so that a 1e-3 comparison means something.
+clip of std ~0.1 and no clamping, so that a 1e-5 comparison means something.
 1. Our talker, streamed token by token from HF's thinker embeddings / hidden states, gives HF's code matrix.
    Our own thinker's prompt hidden states (`return_hidden_layer`) match HF's and give the same codes.
-2. Code2Wav3 on HF's codes (and on random codes) matches HF's code2wav within 1e-3.
+2. Code2Wav3 on HF's codes (and on random codes) matches HF's code2wav within 1e-5 (float32 rounding).
 3. `Code2Wav3.stream` equals whole-clip decoding within 1e-4 for several chunkings; the conv receptive field is
    tight (one frame less of left context breaks exactness); the released config's fields are as documented.
 """
@@ -210,10 +210,11 @@ def test_code2wav_matches_hf(ours, ref):
     wav = vocoder(ref["codes"][None])
     assert wav.shape == ref["wav"].shape == (1, 1, vocoder.output_length(TALKER_TOKENS - 1))
     assert 0.02 < float(wav.std()) and float(wav.abs().max()) < 1  # a real signal, not clamped
-    assert (wav - ref["wav"]).abs().max() < 1e-3
+    assert (wav - ref["wav"]).abs().max() <= 1e-5  # float32 rounding; measured 0
     codes = torch.randint(0, 2048, (1, 4, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (vocoder(codes) - ref["hf"].code2wav(codes)).abs().max() < 1e-3
+        theirs = ref["hf"].code2wav(codes)
+        assert float(theirs.std()) > 0.02 and (vocoder(codes) - theirs).abs().max() <= 1e-5
 
 
 @pytest.fixture(scope="module")

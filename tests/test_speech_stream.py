@@ -131,7 +131,8 @@ def test_qwen3_greedy_codes_and_wave_equal_reference_generate(q3):
     L = inputs["input_ids"].shape[1]
     assert a.tokenizer.decode(ids[0, L:].tolist(), skip_special_tokens=True) == text
     assert torch.equal(torch.stack(codes, dim=1), seen["codes"][0]) and len(codes) == frames
-    assert audio.shape == wav.reshape(-1).shape and np.abs(audio - wav.reshape(-1).numpy()).max() < 1e-3
+    assert audio.shape == wav.reshape(-1).shape and float(wav.std()) > 0.02  # a real signal
+    assert np.abs(audio - wav.reshape(-1).numpy()).max() <= 1e-5  # float32 rounding (measured 4.5e-7)
 
 
 def test_qwen3_follow_up_turn_reuses_the_prefix_exactly(q3):
@@ -177,7 +178,8 @@ def test_qwen25_streams_and_matches_speak_and_the_whole_decode(q25):
     noise = FrameNoise(make_generator(5 + 2), 80).get(0, 2 * len(codes))
     whole = e.token2wav(torch.tensor([codes]), spk["cond"][None], spk["ref_mel"], noise=noise)[0].numpy()
     seam = np.abs(audio - whole).max()  # windowed: edges see truncated context (qwen_omni/speech/qwen25/pipeline.py)
-    assert seam < 1e-3, seam  # ~3e-6 on this tiny DiT (short reach); bench/tta.py measures realistic shapes
+    assert whole.std() > 0.02 and seam <= 1e-4 * np.abs(whole).max(), seam  # ~3e-6 on this tiny DiT (short
+    # reach); bench/tta.py measures realistic shapes
     e.exact = True
     _, _, exact, codes2 = spoken(a, QUESTION, max_new_tokens=60, seed=5)
     assert codes2 == codes and np.abs(exact - whole).max() < 1e-4
