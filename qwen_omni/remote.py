@@ -239,6 +239,8 @@ def to_openai_messages(messages: list[dict]) -> list[dict]:
                 if p.get(kind) is None:
                     raise InputError(f"a {kind} part has no '{kind}' value")
                 parts.append(media_part(kind, p[kind]))
+            elif kind in ("image_url", "input_audio", "video_url", "audio_url"):
+                parts.append(p)  # already in the wire format
             else:
                 raise InputError(f"unknown content part type {kind!r}; use text, image, audio or video")
         out.append({"role": m["role"], "content": parts})
@@ -272,10 +274,9 @@ def media_part(kind: str, src: Any) -> dict:
 def _read(kind: str, src: Any) -> bytes:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return bytes(src)
-    p = Path(src)
-    if not p.is_file():
-        raise InputError(f"{kind.capitalize()} file '{p.name}' was not found.")
-    return p.read_bytes()
+    from encoders import sources  # the library's reader: paths and file:// URLs, with its messages
+
+    return sources.read_bytes(src, kind)
 
 
 def _data_url(mime: str, raw: bytes) -> str:
