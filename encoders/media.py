@@ -4,8 +4,9 @@ Design: every loader accepts what a UI or a script hands us (a path, raw bytes, 
 already-decoded PIL image or numpy array) and returns one canonical form: an RGB `PIL.Image` or a mono
 float32 waveform at the requested rate (video: `video.py`, on the same helpers). Decoding uses Pillow and PyAV only
 (no torchvision / torchaudio on this machine). String references (paths, file://, data: and http(s) URLs) are
-resolved by `sources.py`, which also defines `MediaError` (re-exported here, where callers import it from). Anything that goes wrong with the *content* raises
-`MediaError`, whose message names the file ("upload" for bytes) and says what is wrong in plain words;
+resolved by `sources.py`, which also defines `MediaError` (re-exported here, where callers import it from).
+Anything that goes wrong with the *content* raises `MediaError`, whose message names the file ("upload" for
+bytes) and says what is wrong in plain words;
 programming errors (a wrong argument type) stay ordinary exceptions. Budgets (max seconds, max
 frames per request) are the processor's job: here we only report the decoded duration.
 """

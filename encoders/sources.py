@@ -71,10 +71,6 @@ class Blob(bytes):
         return b
 
 
-def is_reference(src: Any) -> bool:
-    return isinstance(src, (str, Path))
-
-
 def describe(ref: str | Path) -> str:
     """How a message names a reference: a URL by its file name, a data: URL by its type, a path by its name."""
     s = str(ref)

@@ -118,7 +118,16 @@ class Assistant:
         models with the offline voice, whose first audio comes once the first sentence is complete (speech.py).
         `stats`, when given, is filled with token counts, timings, reuse information and, with speech, time to
         first audio and real-time factor.
+
+        `messages` may also be a list of conversations (the model cards' batch example): the result is then a list
+        with one reply per conversation, not streamed, and `stats` describes the last one.
         """
+        if is_batch(messages):  # answered in turn: the server, not this call, batches concurrent requests
+            if stream:
+                raise InputError("stream=True takes one conversation; call chat once per conversation to stream each")
+            return [self.chat(c, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              repetition_penalty=repetition_penalty, seed=seed, stats=stats, speech=speech,
+                              voice=voice, **options) for c in messages]
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         stats = stats if stats is not None else {}
         start = time.perf_counter()
@@ -277,6 +286,12 @@ def copy_prefix(src, dst, n: int) -> int:
         dst.v[layer][:, :, :n] = src.v[layer][:, :, :n]
     dst.lengths[:] = n
     return n
+
+
+def is_batch(messages) -> bool:
+    """A list of conversations (each a list of messages) rather than one conversation."""
+    return isinstance(messages, (list, tuple)) and bool(messages) and all(isinstance(c, (list, tuple))
+                                                                          for c in messages)
 
 
 def flatten_text(messages: list[dict]) -> list[dict]:

@@ -24,9 +24,11 @@ from .tiny_tokenizer import CHAT_TEMPLATE
 
 MODEL_TYPES = sorted(TEXT_MODEL_TYPES | set(FULL_TYPES) | THINKER_TYPES)
 DECLARED = [None, "Qwen2Tokenizer", "Qwen2TokenizerFast", "PreTrainedTokenizerFast", "TokenizersBackend"]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *TOKENS["qwen2_5"].values(), *TOKENS["qwen3"].values()]
-CORPUS = ["I saw 2 cats and 2 dogs, 345 birds", "naïve café e\u0301t\u00e9 你好 世界 🙂", "I'm sure it's fine\n\nok",
-          "what is in this picture?   many   spaces\tand tabs", "the quick brown fox jumps over the lazy dog"] * 30
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *TOKENS["qwen2_5"].values(),
+            *TOKENS["qwen3"].values()]
+CORPUS = ["I saw 2 cats and 2 dogs, 345 birds", "naïve café e\u0301t\u00e9 你好 世界 🙂",
+          "I'm sure it's fine\n\nok", "what is in this picture?   many   spaces\tand tabs",
+          "the quick brown fox jumps over the lazy dog"] * 30
 TEXTS = ["2 cats", "I have 12345 apples, don't I?", "caf\u0065\u0301 / café", "line one\n\n  line two  ", "🙂 你好!!"]
 
 
@@ -137,9 +139,9 @@ def test_loaded_checkpoint_prepares_the_same_ids(tmp_path, root):
     from .tiny_text import make_checkpoint
 
     make_checkpoint(tmp_path, "qwen2")
-    for f in ("tokenizer.json",):
-        (tmp_path / f).write_bytes((root / "tok-gpt2" / f).read_bytes())
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE}))
+    (tmp_path / "tokenizer.json").write_bytes((root / "tok-gpt2" / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                                "chat_template": CHAT_TEMPLATE}))
     bot = qwen_omni.load(tmp_path, device="cpu", dtype="float32")
     msgs = [{"role": "user", "content": "2 cats and 12 dogs"}]
     want = AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(
