@@ -74,6 +74,7 @@ def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
             with gr.Column(scale=3, min_width=320):
                 chatbot = gr.Chatbot(
                     elem_id="qo-chat", label="Chat", height="58vh", buttons=["copy"],
+                    reasoning_tags=[("<think>", "</think>")],  # a thinking model's reasoning: a collapsible thought
                     placeholder="Attach an image, audio clip or video (paperclip or microphone) and ask about it, "
                                 "or just type.")
                 textbox = gr.MultimodalTextbox(

@@ -23,6 +23,7 @@ import torch
 from .errors import ContextOverflowError, InputError
 from .generate import generate, make_generator
 from .models import build_model, build_processor
+from . import reasoning
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
@@ -95,6 +96,7 @@ class Assistant:
         self.prefix_cache = PrefixCache(capacity=4)
         self.lock = threading.Lock()  # one generation at a time per model (the server batches instead)
         self.speech = Speech(self, speech)  # spoken replies: talker/vocoder loaded on first use
+        self.reasoning_mode = reasoning.mode(tokenizer)  # a thinking model's <think> part: see reasoning.py
 
     # ---- what the model sees ------------------------------------------------------------------------------
     def prepare(self, messages: list[dict], add_generation_prompt: bool = True, **options: Any) -> dict:
@@ -255,11 +257,13 @@ def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
     return total, active
 
 
-def speak(pieces: Iterator[str], voice: str, stats: dict, start: float) -> Iterator[str | np.ndarray]:
-    """Interleave the offline voice's audio (one chunk per finished sentence) into a text stream."""
+def speak(pieces: Iterator[str], voice: str, stats: dict, start: float,
+          reasoning_mode: bool | None = None) -> Iterator[str | np.ndarray]:
+    """Interleave the offline voice's audio (one chunk per finished sentence) into a text stream. A thinking
+    model's reasoning is shown but not spoken: only the answer part reaches the voice."""
     from .voice import SAMPLE_RATE, SentenceSpeaker
 
-    speaker = SentenceSpeaker(voice)
+    speaker, answer = SentenceSpeaker(voice), reasoning.Splitter(reasoning_mode)
     synth_time, audio_seconds = 0.0, 0.0
 
     def timed(make):
@@ -275,7 +279,12 @@ def speak(pieces: Iterator[str], voice: str, stats: dict, start: float) -> Itera
 
     for piece in pieces:
         yield piece
-        yield from timed(lambda: speaker.push(piece))
+        said = "".join(t for kind, t in answer.push(piece) if kind == "content")
+        if said:
+            yield from timed(lambda: speaker.push(said))
+    said = "".join(t for kind, t in answer.flush() if kind == "content")
+    if said:
+        yield from timed(lambda: speaker.push(said))
     yield from timed(speaker.flush)
 
 

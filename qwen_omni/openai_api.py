@@ -287,10 +287,12 @@ def usage(prompt: int, completion: int, cached: int | None = None) -> dict:
     return u
 
 
-def completion(cid: str, model: str, text: str, finish: str, use: dict) -> dict:
+def completion(cid: str, model: str, text: str, finish: str, use: dict, reasoning: str | None = None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if reasoning is not None:  # vLLM's field for a thinking model's <think> part
+        message["reasoning_content"] = reasoning
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}], "usage": use}
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}], "usage": use}
 
 
 def chunk(cid: str, model: str, delta: dict | None, finish: str | None = None, use: dict | None = None) -> dict:

@@ -161,7 +161,7 @@ class Speech:
             from .assistant import speak
 
             stats.update(speech="offline")
-            return speak(run(messages, None), name, stats, start)
+            return speak(run(messages, None), name, stats, start, self.assistant.reasoning_mode)
         engine = self.load()
         stats.update(speech="talker")
         return engine.stream(run, messages, name, stats, start, seed)
