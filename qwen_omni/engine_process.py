@@ -38,6 +38,7 @@ from .batching import SchedulerClosedError
 from .engines import Job, LocalJob, Mailbox, submit_args
 from .errors import QwenOmniError
 from .openai_api import ChatRequest
+from .reasoning import mode as reasoning_mode
 from .tokenizer import Tokenizer
 
 
@@ -83,6 +84,7 @@ class ProcessEngine:
             raise RuntimeError(f"the model process failed to load the model: {info}")
         self.name, self.context_window, self.defaults = info["name"], info["context_window"], info["defaults"]
         self.tokenizer = Tokenizer.from_dir(info["path"])
+        self.reasoning = reasoning_mode(self.tokenizer)  # how replies split into reasoning_content / content
         self._load = {"active": 0, "waiting": 0, "free_slots": info["max_batch"]}
         self._jobs: dict[int, ProcessJob] = {}
         self._ids = itertools.count()
