@@ -112,6 +112,10 @@ def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
             with gr.Column(scale=3, min_width=320):
                 chatbot = gr.Chatbot(
                     elem_id="qo-chat", label="Chat", height="58vh", buttons=["copy"],
+                    # a thinking model's reasoning as a collapsible thought; only for such models, because the
+                    # option also splits each user turn's text from its files into two messages
+                    reasoning_tags=[("<think>", "</think>")] if getattr(assistant, "reasoning_mode", None) is not None
+                    else None,
                     placeholder="Attach an image, audio clip or video (paperclip or microphone) and ask about it, "
                                 "or just type.")
                 textbox = gr.MultimodalTextbox(

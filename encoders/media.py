@@ -3,8 +3,10 @@
 Design: every loader accepts what a UI or a script hands us (a path, raw bytes, a file object, an
 already-decoded PIL image or numpy array) and returns one canonical form: an RGB `PIL.Image` or a mono
 float32 waveform at the requested rate (video: `video.py`, on the same helpers). Decoding uses Pillow and PyAV only
-(no torchvision / torchaudio on this machine). Anything that goes wrong with the *content* raises
-`MediaError`, whose message names the file ("upload" for bytes) and says what is wrong in plain words;
+(no torchvision / torchaudio on this machine). String references (paths, file://, data: and http(s) URLs) are
+resolved by `sources.py`, which also defines `MediaError` (re-exported here, where callers import it from).
+Anything that goes wrong with the *content* raises `MediaError`, whose message names the file ("upload" for
+bytes) and says what is wrong in plain words;
 programming errors (a wrong argument type) stay ordinary exceptions. Budgets (max seconds, max
 frames per request) are the processor's job: here we only report the decoded duration.
 """
@@ -19,19 +21,23 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
-Source = Any  # str | Path | bytes | file object | PIL.Image | np.ndarray | (rate, np.ndarray)
+from . import sources
+from .sources import MediaError
 
+__all__ = ["MediaError", "load_audio", "load_image", "resample"]
 
-class MediaError(ValueError):
-    """The media a user supplied cannot be used; the message is meant to be shown to that user."""
+Source = Any  # str (path or URL) | Path | bytes | file object | PIL.Image | np.ndarray | (rate, np.ndarray)
 
 
 # ----------------------------------------------------------------------------------------- sources
 
 def _label(src: Source) -> str:
-    """How a message names the input: the file's name, or 'upload' for in-memory data."""
+    """How a message names the input: the file's name (a URL's, a data: URL's type), or 'upload' for in-memory
+    data."""
     if isinstance(src, (str, Path)):
-        return f"'{Path(src).name or src}'"
+        return sources.describe(src)
+    if isinstance(src, sources.Blob):
+        return src.name  # already in message form: "'demo.jpeg' from host", "a data: URL (image/png)"
     name = getattr(src, "name", None)
     if isinstance(name, str) and name:
         return f"'{Path(name).name}'"
@@ -40,19 +46,17 @@ def _label(src: Source) -> str:
 
 def _open_source(src: Source, kind: str) -> str | BinaryIO:
     """A path (checked to exist) or a seekable binary stream for Pillow/PyAV."""
+    src = sources.resolve(src, kind)  # a URL or data: URL -> its bytes; a path or file:// URL -> a checked path
+    if isinstance(src, sources.Blob):
+        stream = io.BytesIO(src)
+        stream.name = src.name  # so PyAV/Pillow errors and our messages can name it
+        return stream
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise MediaError(f"The {kind} upload is empty (0 bytes).")
         return io.BytesIO(bytes(src))
-    if isinstance(src, (str, Path)):
-        p = Path(src)
-        if not p.exists():
-            raise MediaError(f"{kind.capitalize()} file {_label(src)} was not found.")
-        if not p.is_file():
-            raise MediaError(f"{_label(src)} is a folder, not a {kind} file.")
-        if p.stat().st_size == 0:
-            raise MediaError(f"{kind.capitalize()} file {_label(src)} is empty (0 bytes).")
-        return str(p)
+    if isinstance(src, str):  # resolve() checked that it exists, is a file and is not empty
+        return src
     if hasattr(src, "read"):
         return src
     raise TypeError(f"cannot load {kind} from {type(src).__name__}")

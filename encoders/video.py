@@ -15,7 +15,7 @@ from typing import BinaryIO
 import av
 import numpy as np
 
-from .media import MediaError, Source, _decode_audio, _label, _open_source
+from .media import MediaError, Source, _decode_audio, _label, _open_source, load_image
 
 
 @dataclasses.dataclass
@@ -137,6 +137,8 @@ def probe(src: Source) -> MediaInfo:
                 info.width, info.height = v.width, v.height
                 info.native_fps = float(v.average_rate or v.guessed_rate or 0)
             return info
+    except MediaError:  # a reference that cannot be read says so itself (MediaError is a ValueError)
+        raise
     except (av.error.FFmpegError, EOFError, ValueError) as e:
         raise MediaError(f"{label} is not a media file we can read, or it is corrupt ({e}).") from e
 
@@ -179,3 +181,23 @@ def load_video(src: Source, fps: float = 2.0, min_frames: int = 4, max_frames: i
         except MediaError as e:  # a broken sound track should not lose the pictures
             vid.audio_error = str(e)
     return vid
+
+
+def stack_frames(items, label: str = "video") -> np.ndarray:
+    """A video given as its frames (qwen-omni-utils' list form: paths, URLs, PIL images or arrays, or one
+    (T, H, W, 3) array) -> (T, H, W, 3) uint8. Frames of another size are resized to the first one's, as a
+    video's frames share one size."""
+    if isinstance(items, np.ndarray) and items.ndim == 4:
+        items = list(items)
+    if len(items) == 0:
+        raise MediaError(f"The {label} is an empty list of frames.")
+    frames = []
+    for i, item in enumerate(items):
+        try:
+            img = load_image(item)
+        except MediaError as e:
+            raise MediaError(f"frame {i + 1} of the {label}: {e}") from e
+        if frames and img.size != (frames[0].shape[1], frames[0].shape[0]):
+            img = img.resize((frames[0].shape[1], frames[0].shape[0]))
+        frames.append(np.asarray(img, dtype=np.uint8))
+    return np.stack(frames)

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .engine import reasoning
 from .engine.generate import generate, make_generator
 from .engine.prefix_cache import PrefixCache
 from .engine.processor import build_processor
@@ -95,6 +96,7 @@ class Assistant:
         self.prefix_cache = PrefixCache(capacity=4)
         self.lock = threading.Lock()  # one generation at a time per model (the server batches instead)
         self.speech = Speech(self, speech)  # spoken replies: talker/vocoder loaded on first use
+        self.reasoning_mode = reasoning.mode(tokenizer)  # a thinking model's <think> part: see reasoning.py
 
     # ---- what the model sees ------------------------------------------------------------------------------
     def prepare(self, messages: list[dict], add_generation_prompt: bool = True, **options: Any) -> dict:
@@ -118,7 +120,16 @@ class Assistant:
         models with the offline voice, whose first audio comes once the first sentence is complete (speech/switch.py).
         `stats`, when given, is filled with token counts, timings, reuse information and, with speech, time to
         first audio and real-time factor.
+
+        `messages` may also be a list of conversations (the model cards' batch example): the result is then a list
+        with one reply per conversation, not streamed, and `stats` describes the last one.
         """
+        if is_batch(messages):  # answered in turn: the server, not this call, batches concurrent requests
+            if stream:
+                raise InputError("stream=True takes one conversation; call chat once per conversation to stream each")
+            return [self.chat(c, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              repetition_penalty=repetition_penalty, seed=seed, stats=stats, speech=speech,
+                              voice=voice, **options) for c in messages]
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         stats = stats if stats is not None else {}
         start = time.perf_counter()
@@ -244,6 +255,10 @@ def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
     return total, active
 
 
+def is_batch(messages) -> bool:
+    """A list of conversations (each a list of messages) rather than one conversation."""
+    return isinstance(messages, (list, tuple)) and bool(messages) and all(isinstance(c, (list, tuple))
+                                                                          for c in messages)
 def flatten_text(messages: list[dict]) -> list[dict]:
     """For text-only models: list-of-parts content -> one string; media parts are an error."""
     out = []

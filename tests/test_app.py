@@ -443,8 +443,8 @@ def test_spoken_reply_through_the_api(speech_server):
     assert audio_at and audio_at[0] < len(steps) - 1
     assert "first audio" not in last_text(steps[audio_at[0]][0])  # heard while the reply was still being written
     # Gradio closes the playlist (#EXT-X-ENDLIST) on its own thread, which can finish just after the job's result
-    # arrives (seen once in a full CI run): give it a few seconds, then require it.
-    deadline = time.monotonic() + 5
+    # arrives (seen in full CI runs, 5 s late on a loaded 2-core machine): give it time, then require it.
+    deadline = time.monotonic() + 30
     path = Path(steps[audio_at[-1]][-1])
     while "#EXT-X-ENDLIST" not in (playlist := path.read_text()) and time.monotonic() < deadline:
         time.sleep(0.1)

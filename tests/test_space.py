@@ -9,7 +9,6 @@ minutes, so it runs only with QWEN_OMNI_SPACE_VENV=1.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re

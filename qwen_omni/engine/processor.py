@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from encoders import media, preprocess, video
+from encoders import media, preprocess, sources, video
 
 from ..errors import InputError
 from ..models.omni_config import ThinkerConfig
@@ -139,7 +139,9 @@ class Processor:
     def video(self, src, use_audio: bool):
         p = self.p
         if isinstance(src, dict):  # already-decoded frames: {"frames": (T,H,W,3) uint8, "fps": f, "audio": ...}
-            frames = np.asarray(src["frames"])
+            frames = src["frames"]
+            frames = frames if isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4 \
+                else video.stack_frames(frames)
             spf = float(src.get("seconds_per_frame", 1.0 / float(src.get("fps", p.fps))))
             wav = src.get("audio")
         else:
@@ -165,23 +167,7 @@ class Processor:
     # ---- messages -> inputs --------------------------------------------------------------------------
     def __call__(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                  use_audio_in_video: bool = False) -> dict[str, Any]:
-        parts = []  # (kind, source, use its sound), in prompt order
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise InputError("each message must be a dict with 'role' and 'content'")
-            if isinstance(m["content"], str):
-                continue
-            for part in m["content"]:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    continue
-                if kind not in ("image", "audio", "video"):
-                    raise InputError(f"unknown content part type {kind!r}; use text, image, audio or video")
-                src = part.get(kind)
-                if src is None:
-                    raise InputError(f"a {kind} part has no '{kind}' value")
-                with_audio = bool(part.get("use_audio_in_video", use_audio_in_video)) if kind == "video" else False
-                parts.append((kind, src, with_audio))
+        messages, parts = media_parts(messages, use_audio_in_video)
         n_images, n_videos = sum(k == "image" for k, _, _ in parts), sum(k == "video" for k, _, _ in parts)
         if n_images > self.budgets.max_images or n_videos > self.budgets.max_videos:  # before decoding any
             raise InputError(f"too many attachments ({n_images} images, {n_videos} videos); the limits are "
@@ -191,6 +177,7 @@ class Processor:
         hashes: dict[str, list[str]] = {"image": [], "video": [], "audio": []}
         for kind, src, with_audio in parts:
             try:
+                src = resolve(kind, src)  # download / decode the reference once: probe, decode and hash reuse it
                 if kind == "image":
                     images.append(self.image(src))
                 elif kind == "audio":
@@ -292,6 +279,50 @@ class Processor:
         return int(self.cfg.audio_output_lengths(torch.tensor([frames]))[0])
 
 
+def media_parts(messages: list[dict], use_audio_in_video: bool) -> tuple[list[dict], list[tuple[str, Any, bool]]]:
+    """(messages with every media part as {"type": kind, kind: value}, [(kind, value, use its sound)] in prompt
+    order). OpenAI part types (image_url, input_audio, video_url, audio_url) are rewritten so that a message list
+    works the same here and over HTTP, and the chat template (which knows only Qwen's types) places them. A
+    video given as a list of frames becomes {"frames", "fps"} (qwen-omni-utils' default for lists: 2 fps)."""
+    out, parts = [], []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise InputError("each message must be a dict with 'role' and 'content'")
+        if isinstance(m["content"], str):
+            out.append(m)
+            continue
+        if not isinstance(m["content"], (list, tuple)):
+            raise InputError("message content must be a string or a list of parts")
+        content = []
+        for part in m["content"]:
+            found = sources.part_media(part)
+            if found is None:
+                if isinstance(part, dict) and (part.get("type") == "text" or "type" not in part and "text" in part):
+                    content.append(part)
+                    continue
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise InputError(f"unknown content part type {kind!r}; use text, image, audio or video (or "
+                                 f"OpenAI's image_url, input_audio, video_url, audio_url)")
+            kind, src = found
+            if src is None:
+                raise InputError(f"a {kind} part has no '{kind}' value")
+            if kind == "video" and (isinstance(src, (list, tuple)) or isinstance(src, np.ndarray) and src.ndim == 4):
+                src = {"frames": src, "fps": float(part.get("fps", 2.0))}
+            with_audio = bool(part.get("use_audio_in_video", use_audio_in_video)) if kind == "video" else False
+            parts.append((kind, src, with_audio))
+            content.append({**{k: v for k, v in part.items() if k not in sources.OPENAI_PARTS},
+                            "type": kind, kind: src})
+        out.append({**m, "content": content})
+    return out, parts
+
+
+def resolve(kind: str, src: Any) -> Any:
+    """A string reference -> a checked path or the downloaded bytes (`encoders.sources`); frame lists -> an array."""
+    if isinstance(src, dict) and "frames" in src and not isinstance(src["frames"], np.ndarray):
+        return {**src, "frames": video.stack_frames(src["frames"])}
+    return sources.resolve(src, kind)
+
+
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:
     """torch.cat, except that a single item is passed through: a follow-up turn re-sends its image, and copying
     its cached patches (19 MB for an 896 px image) took longer than prefilling the new question."""
@@ -309,9 +340,11 @@ def _next(it, kind: str) -> int:
 def _which_source(err: Exception, kind: str, src, nth: int) -> str | None:
     """How an error message should name the attachment it is about; None when it names the file already."""
     label = media._label(src)  # "'name.ext'" for files, "upload" for in-memory data
-    if label != "upload" and label in str(err):
+    if label in ("''", "upload") or isinstance(src, str) and src.lower().startswith("data:"):
+        return f"{kind} {nth} of the request"  # nothing better to name it by (and the server renames these)
+    if label in str(err):
         return None
-    return f"{kind} {label}" if label != "upload" else f"{kind} {nth} of the request"
+    return f"{kind} {label}"
 
 
 def content_hash(src) -> str:

@@ -1,9 +1,11 @@
 """The checkpoint's tokenizer and chat template, and incremental detokenisation.
 
-We reuse Hugging Face `tokenizers` (the same Rust BPE the reference uses) from `tokenizer.json`; checkpoints
-that ship only `vocab.json` + `merges.txt` are converted once through transformers. The chat template is the
-checkpoint's own Jinja text (chat_template.jinja / chat_template.json / tokenizer_config.json), rendered with
-the same Jinja settings transformers uses (trim_blocks, lstrip_blocks, sandboxed), so prompt ids match.
+We reuse Hugging Face `tokenizers` (the same Rust BPE the reference uses) from `tokenizer.json`, set up as
+transformers' AutoTokenizer sets it up (`tokenizer_backend.py`: Qwen model types rebuild the pre-tokenizer from
+their class); checkpoints that ship only `vocab.json` + `merges.txt` are converted once through transformers.
+The chat template is the checkpoint's own Jinja text (chat_template.jinja / chat_template.json /
+tokenizer_config.json), rendered with the same Jinja settings transformers uses (trim_blocks, lstrip_blocks,
+sandboxed), so prompt ids match.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from .tokenizer_backend import load_backend
 
 
 class Tokenizer:
@@ -29,9 +32,7 @@ class Tokenizer:
         cfg_file = path / "tokenizer_config.json"
         config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         if (path / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer as Backend
-
-            backend = Backend.from_file(str(path / "tokenizer.json"))
+            backend = load_backend(path, config)  # as AutoTokenizer builds it, which is not always the file
         elif (path / "vocab.json").is_file():
             try:  # transformers is a dev requirement only: the official checkpoints ship tokenizer.json
                 from transformers import AutoTokenizer

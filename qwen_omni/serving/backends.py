@@ -173,6 +173,7 @@ class LocalBackend:
             assistant.prefix_cache.capacity = prefix_cache_size
         self.scheduler = BatchScheduler(assistant, max_batch, max_queue, max_len)
         self.name = assistant.path.name
+        self.reasoning = assistant.reasoning_mode  # how replies split into reasoning_content / content
         self.context_window = self.scheduler.max_len
         gen_cfg = assistant.path / "generation_config.json"
         cfg = json.loads(gen_cfg.read_text()) if gen_cfg.is_file() else {}
@@ -228,6 +229,7 @@ class RemoteBackend:
     def __init__(self, remote: RemoteAssistant, max_batch: int = 8, max_queue: int = 64):
         self.remote, self.max_batch, self.max_queue = remote, max_batch, max_queue
         self.name = remote.model
+        self.reasoning = None  # the remote server splits reasoning itself (vLLM's --reasoning-parser)
         self.context_window = remote.context_window
         self.defaults: dict = {}
         self._lock = threading.Lock()

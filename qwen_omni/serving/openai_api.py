@@ -7,7 +7,8 @@ Design
 - Content parts -> library parts (`{"type": "image", "image": <bytes>}`, ...): `text`, `image_url`, `input_audio`
   (`{"data": base64, "format": ...}`), `video_url` and vLLM's `audio_url`. URLs may be `data:` URLs (always),
   http(s) (only with `MediaPolicy.allow_remote`; fetched with a size cap) or local files (only under
-  `MediaPolicy.media_dir`, after resolving symlinks and `..`). Media stay undecoded bytes here: the processor
+  `MediaPolicy.media_dir`, after resolving symlinks and `..`), read by the library's resolver
+  (`encoders.sources`) under the policy. Media stay undecoded bytes here: the processor
   decodes them, and its errors are renamed to the part they came from (`ChatRequest.name_error`).
 - Sampling fields: temperature, top_p, max_tokens / max_completion_tokens, seed, stop (string or up to 4), n=1,
   stream + stream_options.include_usage, and vLLM's extensions top_k, repetition_penalty, ignore_eos and
@@ -17,20 +18,18 @@ Design
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+
+from encoders import sources
 
 AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "oga", "opus", "m4a", "aac", "webm", "weba", "pcm16"}
-PART_KINDS = {"image_url": "image", "video_url": "video", "audio_url": "audio", "input_audio": "audio"}
+PART_KINDS = sources.OPENAI_PARTS
 MAX_STOP = 4
-_DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w-]+=[^;,]*)*)(;base64)?,(.*)$", re.S)
 
 
 class APIError(Exception):
@@ -55,6 +54,12 @@ class MediaPolicy:
     media_dir: Path | None = None
     max_remote_bytes: int = 50 << 20
     fetch_timeout: float = 10.0
+
+    def resolver_policy(self) -> sources.Policy:
+        """The same rules for the shared resolver: no local paths without a media folder, none outside it."""
+        return sources.Policy(allow_remote=self.allow_remote, allow_local=self.media_dir is not None,
+                              local_root=self.media_dir, max_bytes=self.max_remote_bytes,
+                              timeout=self.fetch_timeout, deadline=max(60.0, 6 * self.fetch_timeout))
 
 
 @dataclass
@@ -146,18 +151,10 @@ def _message(m: Any, where: str, policy: MediaPolicy, counts: dict, names: dict)
 
 
 def _b64(s: Any, pw: str, what: str) -> bytes:
-    if not isinstance(s, str) or not s:
-        raise bad(pw, f"{what} must be a non-empty base64 string")
     try:
-        try:
-            data = base64.b64decode(s, validate=True)
-        except binascii.Error:  # line-wrapped base64 is allowed: drop the whitespace only then (a regex over the
-            data = base64.b64decode("".join(s.split()), validate=True)  # 3 MB of an image took 25 ms of a TTFT)
-    except (binascii.Error, ValueError):
-        raise bad(pw, f"invalid base64 in {what}", code="invalid_base64") from None
-    if not data:
-        raise bad(pw, f"{what} is empty")
-    return data
+        return sources.b64decode(s, what)
+    except sources.MediaError as e:
+        raise bad(pw, str(e), code=e.code) from None
 
 
 def _input_audio(p: dict, pw: str) -> bytes:
@@ -175,59 +172,26 @@ def _url_part(p: dict, kind: str, pw: str, policy: MediaPolicy) -> bytes:
     url = v.get("url") if isinstance(v, dict) else v
     if not isinstance(url, str) or not url:
         raise bad(pw, f"{kind} must be an object with a 'url'")
-    return load_url(url, pw, f"{kind}.url", policy)
+    return load_url(url, pw, f"{kind}.url", policy, PART_KINDS[kind])
 
 
-def load_url(url: str, pw: str, what: str, policy: MediaPolicy) -> bytes:
-    """Bytes of a data: URL, an allowed http(s) URL or a local file under the media folder."""
-    if url.startswith("data:"):
-        m = _DATA_URL.match(url)
-        if not m:
-            raise bad(pw, f"malformed data URL in {what}; expected data:<mime>;base64,<data>")
-        if not m.group(3):
-            raise bad(pw, f"the data URL in {what} must be base64-encoded (data:<mime>;base64,...)")
-        return _b64(m.group(4), pw, f"the data URL in {what}")
-    scheme = urlparse(url).scheme.lower()
-    if scheme in ("http", "https"):
-        if not policy.allow_remote:
-            raise bad(pw, f"remote URLs are refused by this server ({what}); send the media inline as a data: URL "
-                          f"(or start the server with --allow-remote-media)", code="remote_media_refused")
-        return _fetch(url, pw, policy)
-    if scheme in ("", "file") or re.match(r"^[a-zA-Z]:[\\/]", url):
-        path = unquote(urlparse(url).path) if scheme == "file" else url
-        return _local_file(path, pw, what, policy)
-    raise bad(pw, f"unsupported URL scheme {scheme!r} in {what}; use data:, http(s): or a file path")
-
-
-def _local_file(path: str, pw: str, what: str, policy: MediaPolicy) -> bytes:
-    if policy.media_dir is None:
-        raise bad(pw, f"local file paths are refused by this server ({what}); send the media inline as a data: URL "
-                      f"(or start the server with --media-dir DIR)", code="local_media_refused")
-    root = policy.media_dir.resolve()
-    p = Path(path)
-    f = (p if p.is_absolute() else root / p).resolve()
-    if not f.is_relative_to(root):
-        raise bad(pw, f"{path!r} is outside the server's media folder", code="local_media_refused")
-    if not f.is_file():
-        raise bad(pw, f"file {path!r} was not found in the server's media folder")
-    return f.read_bytes()
-
-
-def _fetch(url: str, pw: str, policy: MediaPolicy) -> bytes:
-    import httpx
-
+def load_url(url: str, pw: str, what: str, policy: MediaPolicy, kind: str = "media") -> bytes:
+    """Bytes of a data: URL, an allowed http(s) URL or a local file under the media folder: the library's resolver
+    (`encoders.sources`) under this server's policy; its refusals get the server's hints."""
     try:
-        with httpx.stream("GET", url, timeout=policy.fetch_timeout, follow_redirects=True) as r:
-            if r.status_code != 200:
-                raise bad(pw, f"fetching {url} failed with HTTP {r.status_code}")
-            data = bytearray()
-            for chunk in r.iter_bytes():
-                data += chunk
-                if len(data) > policy.max_remote_bytes:
-                    raise bad(pw, f"{url} is larger than {policy.max_remote_bytes >> 20} MB")
-            return bytes(data)
-    except httpx.HTTPError as e:
-        raise bad(pw, f"fetching {url} failed: {e}") from None
+        return sources.read_bytes(url, kind, policy.resolver_policy())
+    except sources.MediaError as e:
+        if e.code == "remote_media_refused":
+            raise bad(pw, f"remote URLs are refused by this server ({what}); send the media inline as a data: URL "
+                          f"(or start the server with --allow-remote-media)", code=e.code) from None
+        if e.code == "local_media_refused" and policy.media_dir is None:
+            raise bad(pw, f"local file paths are refused by this server ({what}); send the media inline as a data: "
+                          f"URL (or start the server with --media-dir DIR)", code=e.code) from None
+        if e.code == "local_media_refused":
+            raise bad(pw, f"{url!r} is outside the server's media folder", code=e.code) from None
+        if e.code == "not_found":
+            raise bad(pw, f"file {url!r} was not found in the server's media folder", code=e.code) from None
+        raise bad(pw, f"{what}: {e}", code=e.code) from None
 
 
 def _sampling(body: dict, req: ChatRequest) -> None:
@@ -323,10 +287,12 @@ def usage(prompt: int, completion: int, cached: int | None = None) -> dict:
     return u
 
 
-def completion(cid: str, model: str, text: str, finish: str, use: dict) -> dict:
+def completion(cid: str, model: str, text: str, finish: str, use: dict, reasoning: str | None = None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if reasoning is not None:  # vLLM's field for a thinking model's <think> part
+        message["reasoning_content"] = reasoning
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}], "usage": use}
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}], "usage": use}
 
 
 def chunk(cid: str, model: str, delta: dict | None, finish: str | None = None, use: dict | None = None) -> dict:

@@ -34,6 +34,7 @@ from typing import Any
 
 import anyio
 
+from ..engine.reasoning import mode as reasoning_mode
 from ..engine.scheduler import SchedulerClosedError
 from ..engine.tokenizer import Tokenizer
 from ..errors import QwenOmniError
@@ -83,6 +84,7 @@ class ProcessBackend:
             raise RuntimeError(f"the model process failed to load the model: {info}")
         self.name, self.context_window, self.defaults = info["name"], info["context_window"], info["defaults"]
         self.tokenizer = Tokenizer.from_dir(info["path"])
+        self.reasoning = reasoning_mode(self.tokenizer)  # how replies split into reasoning_content / content
         self._load = {"active": 0, "waiting": 0, "free_slots": info["max_batch"]}
         self._jobs: dict[int, ProcessJob] = {}
         self._ids = itertools.count()

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from encoders import media
+from encoders import media, sources
 
 from ..errors import InputError, QwenOmniError
 
@@ -243,6 +243,8 @@ def to_openai_messages(messages: list[dict]) -> list[dict]:
                 if p.get(kind) is None:
                     raise InputError(f"a {kind} part has no '{kind}' value")
                 parts.append(media_part(kind, p[kind]))
+            elif kind in ("image_url", "input_audio", "video_url", "audio_url"):
+                parts.append(p)  # already in the wire format
             else:
                 raise InputError(f"unknown content part type {kind!r}; use text, image, audio or video")
         out.append({"role": m["role"], "content": parts})
@@ -274,10 +276,7 @@ def media_part(kind: str, src: Any) -> dict:
 def _read(kind: str, src: Any) -> bytes:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return bytes(src)
-    p = Path(src)
-    if not p.is_file():
-        raise InputError(f"{kind.capitalize()} file '{p.name}' was not found.")
-    return p.read_bytes()
+    return sources.read_bytes(src, kind)  # the library's reader: paths and file:// URLs, with its messages
 
 
 def _data_url(mime: str, raw: bytes) -> str:

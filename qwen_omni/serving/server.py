@@ -29,6 +29,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..engine.reasoning import Splitter, split
 from .backends import Job, LocalBackend, RemoteBackend, api_error
 from .openai_api import APIError, ChatRequest, MediaPolicy, StopText, chunk, completion, completion_id, \
     parse_chat_request, usage
@@ -166,16 +167,17 @@ def create_app(cfg: ServeConfig, load_backend: Callable[[], Any], on_load_error:
         headers = {"x-qwen-omni-cached-tokens": str(job.cached_tokens or 0)}
         if req.stream:  # from here the streaming response notices a disconnect itself
             watcher.cancel()
-            return StreamingResponse(sse(job, req, cid, name, first), media_type="text/event-stream",
+            return StreamingResponse(sse(job, req, cid, name, first, backend.reasoning),
+                                     media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            text, finish = await collect(job, req, first)
+            text, finish, thought = await collect(job, req, first, backend.reasoning)
         except Exception as e:  # noqa: BLE001
             raise api_error(e, req) from None
         finally:
             watcher.cancel()
             job.cancel()
-        return JSONResponse(completion(cid, name, text, finish, job_usage(job)), headers=headers)
+        return JSONResponse(completion(cid, name, text, finish, job_usage(job), thought), headers=headers)
 
     return app
 
@@ -210,9 +212,11 @@ async def pieces(job: Job, req: ChatRequest, first: list[str]):
         texts = await job.next()
 
 
-async def collect(job: Job, req: ChatRequest, first: list[str]) -> tuple[str, str]:
-    out = [p async for p in pieces(job, req, first)]
-    return "".join(out), finish_reason(job)
+async def collect(job: Job, req: ChatRequest, first: list[str], reasoning_mode: bool | None = None
+                  ) -> tuple[str, str, str | None]:
+    """(answer, finish reason, reasoning or None when the model does not reason)."""
+    thought, answer = split("".join([p async for p in pieces(job, req, first)]), reasoning_mode)
+    return answer, finish_reason(job), thought if reasoning_mode is not None else None
 
 
 def finish_reason(job: Job) -> str:
@@ -223,12 +227,17 @@ def sse_line(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def sse(job: Job, req: ChatRequest, cid: str, model: str, first: list[str]):
+async def sse(job: Job, req: ChatRequest, cid: str, model: str, first: list[str],
+              reasoning_mode: bool | None = None):
+    splitter = Splitter(reasoning_mode)  # a thinking model's <think> part goes out as reasoning_content deltas
     try:
         yield sse_line(chunk(cid, model, {"role": "assistant", "content": ""}))
         try:
             async for text in pieces(job, req, first):
-                yield sse_line(chunk(cid, model, {"content": text}))
+                for key, part in splitter.push(text):
+                    yield sse_line(chunk(cid, model, {key: part}))
+            for key, part in splitter.flush():
+                yield sse_line(chunk(cid, model, {key: part}))
             yield sse_line(chunk(cid, model, {}, finish_reason(job)))
             if req.include_usage:
                 yield sse_line(chunk(cid, model, None, use=job_usage(job)))

@@ -23,6 +23,7 @@ import numpy as np
 
 from encoders.media import resample
 
+from ..engine import reasoning
 from ..errors import InputError
 
 SAMPLE_RATE = 24000
@@ -107,9 +108,11 @@ class SentenceSpeaker:
         return [audio] if audio.size else []
 
 
-def speak(pieces: Iterator[str], voice: str, stats: dict, start: float) -> Iterator[str | np.ndarray]:
-    """Interleave the offline voice's audio (one chunk per finished sentence) into a text stream."""
-    speaker = SentenceSpeaker(voice)
+def speak(pieces: Iterator[str], voice: str, stats: dict, start: float,
+          reasoning_mode: bool | None = None) -> Iterator[str | np.ndarray]:
+    """Interleave the offline voice's audio (one chunk per finished sentence) into a text stream. A thinking
+    model's reasoning is shown but not spoken: only the answer part reaches the voice."""
+    speaker, answer = SentenceSpeaker(voice), reasoning.Splitter(reasoning_mode)
     synth_time, audio_seconds = 0.0, 0.0
 
     def timed(make):
@@ -125,5 +128,10 @@ def speak(pieces: Iterator[str], voice: str, stats: dict, start: float) -> Itera
 
     for piece in pieces:
         yield piece
-        yield from timed(lambda: speaker.push(piece))
+        said = "".join(t for kind, t in answer.push(piece) if kind == "content")
+        if said:
+            yield from timed(lambda: speaker.push(said))
+    said = "".join(t for kind, t in answer.flush() if kind == "content")
+    if said:
+        yield from timed(lambda: speaker.push(said))
     yield from timed(speaker.flush)

@@ -123,7 +123,7 @@ class Speech:
         stats.update(voice=name)
         if self.family is None:
             stats.update(speech="offline")
-            return speak(run(messages, None), name, stats, start)
+            return speak(run(messages, None), name, stats, start, self.assistant.reasoning_mode)
         pipeline = self.load()
         stats.update(speech="talker")
         return pipeline.stream(run, messages, name, stats, start, seed)

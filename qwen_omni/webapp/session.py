@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..engine.reasoning import OPEN, split
 from ..errors import InputError, QwenOmniError
 from ..speech.offline_voice import wav_bytes
 
@@ -209,7 +210,7 @@ def history_to_messages(history: list[dict], system_prompt: str = "") -> list[di
         messages.append({"role": "user", "content": media + ([{"type": "text", "text": text}] if text else [])})
         reply = "".join(v for r in replies if not (r.get("metadata") or {}).get("title")
                         for kind, v, _ in _parts(r["content"]) if kind == "text")
-        reply = _STATS_FOOTER.sub("", reply)
+        reply = split(_STATS_FOOTER.sub("", reply), False)[1]  # a thinking model's reasoning is not re-sent
         if reply:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
     return messages
@@ -310,6 +311,7 @@ class ChatSession:
     def _reply(self, history: list[dict], system_prompt: str, sampling: Sampling) -> Iterator[tuple]:
         stats: dict = {}
         text, answer = "", None
+        opened = OPEN if getattr(self.assistant, "reasoning_mode", None) else ""
         yield history, None, None  # show the user's turn (and the pending indicator) before the first token
         stream = None
         try:
@@ -326,9 +328,11 @@ class ChatSession:
                         yield [*history, answer] if answer else history, None, wav_bytes(piece)
                     continue
                 text += piece
-                answer = {"role": "assistant", "content": text}
+                # the Chatbot folds <think>...</think> into a thought; a template that opens it in the prompt
+                # leaves only the closing tag in the reply, so the opening one is put back for display
+                answer = {"role": "assistant", "content": opened + text}
                 yield [*history, answer], None, None
-            answer = {"role": "assistant", "content": f"{text}\n\n{stats_line(stats)}"}
+            answer = {"role": "assistant", "content": f"{opened}{text}\n\n{stats_line(stats)}"}
             yield [*history, answer], None, None
         except (QwenOmniError, ValueError) as e:
             yield [*history, *([answer] if answer else []), error_message(str(e))], str(e), None
