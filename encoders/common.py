@@ -67,7 +67,7 @@ class RMSNorm(nn.Module):
 class PatchEmbed(nn.Module):
     """(N, C*T*P*P) flattened patches -> (N, hidden). The checkpoints hold a Conv3d whose kernel equals its
     stride, i.e. one linear map per patch. In float32 it runs as a matmul, several times faster on CPU than the
-    convolution, backward included (conv backward was a fifth of a vision training step); in half precision it
+    convolution, backward included (docs/training-notes.md); in half precision it
     stays a convolution, whose rounding matches the reference's bit for bit."""
 
     def __init__(self, in_channels: int, temporal_patch_size: int, patch_size: int, hidden: int, bias: bool):

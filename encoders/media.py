@@ -204,9 +204,9 @@ class _Resampler:
 def resample(x: np.ndarray, rate: int, sr: int) -> np.ndarray:
     """Mono float32 (n,) at `rate` -> (≈n*sr/rate,) at `sr` with libswresample (via PyAV).
 
-    Measured on this build (44.1 kHz -> 16 kHz sines): error < 3e-5 up to 3 kHz, about 4% level
-    loss at 7 kHz (filter roll-off), no delay. librosa's soxr (used by qwen-omni-utils) is flatter
-    near 8 kHz, so only the top mel bands can differ slightly from the reference pipeline.
+    Accurate in the speech band with no delay; its filter rolls off towards the Nyquist frequency
+    earlier than librosa's soxr (used by qwen-omni-utils), so only the top mel bands can differ
+    slightly from the reference pipeline (measurements in docs/cpu-kernels.md).
     """
     r = _Resampler(rate, sr)
     out = r.push(x) + r.flush()

@@ -5,7 +5,7 @@ sees; `Assistant.chat(...)` generates the reply, as one string or as a stream of
 conversations reuse the KV state of earlier turns through a `PrefixCache`, so only new tokens are prefilled.
 
 Generation runs under `torch.inference_mode` (here and in the batch scheduler), not `no_grad`: no view or version
-tracking per op, which made a CPU decode step of the embedded model 5-15% faster. Its tensors (the KV caches
+tracking per op, which makes a CPU decode step faster (docs/cpu-kernels.md). Its tensors (the KV caches
 kept for the next turn, cached media features) are then inference tensors, so every path that writes into
 them runs in that mode too.
 """

@@ -352,7 +352,7 @@ def content_hash(src) -> str:
     h = hashlib.sha1()
     if isinstance(src, (str, Path)):
         # The bytes, not path/mtime: a web client re-uploads the same file each turn (new copy, new mtime), and
-        # the state of the earlier turn must still be reused. sha1 runs at ~1 GB/s, small beside decoding.
+        # the state of the earlier turn must still be reused. Hashing the bytes costs little beside decoding.
         p = Path(src)
         if p.is_file():
             with open(p, "rb") as f:

@@ -84,8 +84,8 @@ class Attention(nn.Module):
         else:
             k, v = cache.write(layer, k, v)
             if S == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
-                # One query in bf16/fp16: torch's CPU SDPA kernel is 2-4x slower than upcasting q/k/v and running
-                # it in float32 (measured, 8 rows x 350 cached positions: 1205 us vs 311 us), and float32 is exact.
+                # One query in bf16/fp16: torch's CPU SDPA kernel is slower than upcasting q/k/v and running it in
+                # float32 (docs/cpu-kernels.md), and float32 is exact.
                 q, k, v = q.float(), k.float(), v.float()
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
                                                enable_gqa=self.kv_heads != self.heads).to(x.dtype)

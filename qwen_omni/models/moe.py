@@ -39,8 +39,8 @@ class Experts(nn.Module):
 
     def unbound(self):
         """`run` for training: the stacks split once per forward, so backward stacks each gradient once. Indexing
-        `gate_up_proj[e]` per expert makes backward write a zero-filled copy of the whole stack per expert (measured:
-        fill_ took 15% of a training step)."""
+        `gate_up_proj[e]` per expert makes backward write a zero-filled copy of the whole stack per expert (a
+        noticeable share of a training step; docs/training-notes.md)."""
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         return lambda e, x: swiglu(x, gate_up[e], down[e])
 
@@ -104,9 +104,8 @@ class SparseMoE(nn.Module):
         """Whether the sorted pairs can go through `F.grouped_mm` (one call per projection for all experts) instead
         of a Python loop of ~4 ops per active expert. CPU inference on float stacked experts only: the CPU kernel has
         no working backward (torch 2.13: "Invalid strides/sizes" on an empty group), int8 experts have no such
-        kernel, and on CUDA it wants bf16 on recent GPUs. Measured on one thread of an Intel Xeon (embedded model's
-        MoE, 8 experts top-2, H = I = 256; a busy machine, interleaved): a layer on 8 rows 520 -> 394 us (vs all
-        experts on every row), on 64 rows 1062 -> 935 us (vs the loop)."""
+        kernel, and on CUDA it wants bf16 on recent GPUs. Where it runs it beat both the all-experts path and the
+        loop (timings in docs/cpu-kernels.md)."""
         ex = self.experts
         return (_GROUPED_MM and xs.device.type == "cpu" and isinstance(ex, Experts)
                 and xs.dtype == ex.gate_up_proj.dtype and xs.dtype in (torch.float32, torch.bfloat16)

@@ -1,32 +1,28 @@
 """Int8 weight-only quantization for CPU decoding: `quantize_int8(model)`.
 
 Why: a decode step reads every weight once for one row of activations, so its speed is the GEMV kernels' speed
-per weight, capped by memory bandwidth. Measured here (2 cores, idle, the 196 matrices of the Qwen3-0.6B layers,
-far larger than the caches; bandwidth 22 GB/s): `torch._weight_int8pack_mm` 11.5 G weights/s (11.5 GB/s),
-bf16 `torch.mv` 8.7 G/s (17.5 GB/s), bf16 `F.linear` (oneDNN, what transformers runs) 6.5 G/s, fp16 `F.linear`
-5.3 G/s. The int8 kernel is compute-bound, not bandwidth-bound, so int8 buys ~1.3x over our bf16 per weight
-(plus half the memory), not 2x. On the 151936x1024 lm_head bf16 `mv` (12.0 G/s) even matches it.
+per weight, capped by memory bandwidth. The int8 kernel is compute-bound, not bandwidth-bound, so int8 buys less
+than 2x over our bf16 per weight (plus half the memory); the measurements are in docs/cpu-kernels.md.
 
 Scheme: symmetric, per output channel. For a weight W (N, K): s = max|W[n]| / 127, q = round(W / s) clamped to
 [-127, 127] (int8), y = (x @ q^T) * s. The scales are stored in bfloat16 (what the kernel takes) and the
 integers are computed against the *rounded* scale, so the bf16 rounding of s is not a systematic per-row gain
 error; the one element that may then exceed 127 by < 0.5 step is clamped (an error below one rounding step).
 
-Kernel facts for torch 2.13 CPU (checked on this machine, they decide the code below):
+Kernel facts for torch 2.13 CPU (they decide the code below; timings in docs/cpu-kernels.md):
 - `_weight_int8pack_mm(x (M, K), q (N, K) int8 contiguous, scales (N,))` with x and scales of one dtype;
-  bfloat16 is the fast one (fp32 / fp16 activations run ~10x slower), so we always compute in bf16 and cast
+  bfloat16 is the fast one (fp32 / fp16 activations run far slower), so we always compute in bf16 and cast
   the output back to the model's dtype.
 - K must be a multiple of 16 (other K segfault), so such Linears stay in float.
-- Its time grows steeply past 16 rows (3072x1024: 1.8 ms at 16 rows, 15 ms at 32, 49 ms at 128), so above
-  `GEMM_ROWS` rows (prefill) the weight is dequantized to bf16 on the fly (~3 ms for that matrix, transient,
-  one matrix at a time) and the AMX bf16 GEMM runs (~1.5 ms at 128 rows). Int8 prefill is therefore slower
-  than bf16 prefill; it is a decode-speed (and memory) mode.
+- Its time grows steeply past 16 rows, so above `GEMM_ROWS` rows (prefill) the weight is dequantized to bf16 on
+  the fly (transient, one matrix at a time) and the bf16 GEMM runs. Int8 prefill is therefore slower than bf16
+  prefill; it is a decode-speed (and memory) mode.
 
 What is quantized: every nn.Linear, and the stacked MoE experts (per expert and output row). What is not:
 MoE routers (`gate`, `shared_expert_gate`: tiny, and their output is a discrete top-k choice that a small error
 can flip), the embedding (a lookup reads one row per token, int8 would save nothing). A tied lm_head: in bf16 it
-stays on the embedding's tensor, since bf16 `mv` reads it as fast as the int8 kernel reads an int8 copy (0.6B:
-81 ms per step both ways) and the copy would cost memory and accuracy; in other dtypes it gets its own int8 copy
+stays on the embedding's tensor, since bf16 `mv` reads it as fast as the int8 kernel reads an int8 copy and the
+copy would cost memory and accuracy; in other dtypes it gets its own int8 copy
 (the embedding keeps the float tensor).
 """
 from __future__ import annotations
@@ -109,8 +105,8 @@ class Int8Experts(nn.Module):
         """Every expert on its group: xs (P, H) sorted by expert, sizes[e] rows for expert e -> (P, H) in xs.dtype.
 
         The same values as `run` on each group, concatenated; but the casts to and from the kernel's bf16 happen
-        once for all groups and each output lands in place (no cat). On an 8-row decode step of the embedded
-        model, where all 8 experts get about 2 rows each, a layer took 257 -> 213 us (one thread, AMD EPYC)."""
+        once for all groups and each output lands in place (no cat), which matters when every expert gets only a
+        row or two (timing in docs/cpu-kernels.md)."""
         xb = xs.to(COMPUTE)
         ys = torch.empty_like(xb)
         end = 0

@@ -1,7 +1,7 @@
 """Audio for the synthetic world: beep sequences and espeak-ng spoken words, 16 kHz mono float32.
 
 Design: tones are synthesised in numpy from the sample's `numpy.random.Generator`. Speech comes from the
-espeak-ng CLI; one call costs ~20 ms, so each (word, voice, speed, pitch) waveform is cached in-process
+espeak-ng CLI; one call starts a process, so each (word, voice, speed, pitch) waveform is cached in-process
 (int16, ~16 KB each) and per-sample variety comes from cheap numpy augmentation on top (speed perturbation,
 gain, padding, noise). The voice and speed grids are split into TRAIN and HELD-OUT pools that share no
 accent, no voice variant and no speed. Lossy codec round-trips (MP3, Ogg) for the eval use PyAV.

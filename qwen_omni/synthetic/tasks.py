@@ -242,9 +242,8 @@ def _task_followup(rng, split: str, easy: bool = False) -> Sample:
 def _task_scene(rng, split: str, easy: bool = False) -> Sample:
     """Training only: 3-6 questions about one image of 1-4 distinct shapes in one conversation - colour, shape
     or position of an object named by another attribute, follow-ups about the same object ("and its shape?"),
-    the count. The trainer supervises every answer, so one encoded image gives ~3x the answer tokens for ~1.7x
-    the step time. Measured: 10 minutes of these (with a few single questions) left the held-out accuracy on
-    object questions where 10 minutes of single questions did (within the noise of 40 samples a task)."""
+    the count. The trainer supervises every answer, so one encoded image gives several answer tokens for less than
+    proportionally more step time (what it did to held-out accuracy: docs/training-notes.md)."""
     n = 1 if easy else int(rng.integers(1, 5))
     img, objs = sm.render_shapes(rng, n, unique=True)
     attrs = ("shape", "color", "position")

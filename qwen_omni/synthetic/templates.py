@@ -76,11 +76,16 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
                      ["Write down what you hear.", "What is in this recording?"]),
 }
 
-# More training wording (train split only): a tiny model trained on four or five phrasings per question keys on
-# the exact strings and misreads new ones (held-out accuracy was ~20 points under train-wording accuracy for
-# the same images and sounds). These are written as varied everyday phrasings, not derived from the held-out
-# pools; the disjointness test covers them like the rest.
-_TRAIN_MORE: dict[str, list[str]] = {
+# The extra train-split phrasings below are appended to `TEMPLATES[key]["train"]` in the order of the loop after
+# them. That order (of the lists, and of the phrasings in each) feeds the seeded data stream, so the replay tests
+# and the model card's numbers depend on it: do not reorder them (new wording changes the stream anyway, so it goes
+# in a new list appended last). They are written as varied everyday phrasings, not derived from the held-out pools;
+# the disjointness test (`tests/test_synthetic.py`) covers them like the rest. When each list was added, and why,
+# is in docs/training-notes.md.
+
+# Everyday paraphrases of every question ("What's ...", "Could you ...", "Please tell me ...", "{obj}: what ...?"):
+# a tiny model trained on four or five phrasings per question keys on the exact strings and misreads new ones.
+_TRAIN_EVERYDAY: dict[str, list[str]] = {
     "color": ["What's the color of {obj}?", "Color of {obj}?", "Could you name the color of {obj}?",
               "Do you know the color of {obj}?", "Look at {obj}. What color is it?", "Say which color {obj} is.",
               "What color would you call {obj}?", "I need the color of {obj}.", "{obj}: what color?",
@@ -140,11 +145,9 @@ _TRAIN_MORE: dict[str, list[str]] = {
     "transcript": ["Transcribe this.", "What is in the audio?", "Describe the audio.", "What's in this sound?",
                    "Please transcribe the recording."],
 }
-# A third round of training wording (train split only; same rules as above): the richer wording of the second
-# round lifted the held-out score most of anything tried (33.9% -> 48.5%), and held-out questions were still
-# often answered as another question type (a shape question answered with a position, an out-of-world question
-# answered about the picture).
-_TRAIN_MORE_3: dict[str, list[str]] = {
+# Other words for what is asked ("Which figure ...", "What outline ...", "Which side ...", "Shapes: how many?"), so the
+# question type is read from more than one key word: a shape question must not get a position answer.
+_TRAIN_OTHER_WORDS: dict[str, list[str]] = {
     "color": ["Tell me which color {obj} has.", "Which color is used for {obj}?", "What color do you see on {obj}?",
               "Color of {obj}, please.", "How is {obj} colored?", "What color is {obj} drawn in?",
               "Which color would you say {obj} is?"],
@@ -164,11 +167,9 @@ _TRAIN_MORE_3: dict[str, list[str]] = {
                    "How many times do you hear a beep?", "What's the beep count?",
                    "How many beep sounds are there?", "Beeps: how many?"],
 }
-# A fourth round (train split only; same rules): held-out video questions that name both the shape and the clip
-# were answered with a caption ("a pink square moving down"), and out-of-world "how do I ..." questions with the
-# capabilities answer, out-of-world questions about a sound or a photo with an answer about the media. So: motion
-# questions that also mention the video, and more out-of-world prompts of those kinds (`REFUSAL_PROMPTS` below).
-_TRAIN_MORE_4: dict[str, list[str]] = {
+# Motion questions that also name the video or clip ("In this video, ...", "Watch the clip: ..."), so that naming
+# the clip does not turn a motion question into a caption request.
+_TRAIN_MOTION_IN_CLIP: dict[str, list[str]] = {
     "video_move": ["What is the shape doing in the video?", "How does the shape move in this clip?",
                    "In this video, where does the shape go?", "Watch the clip: which way does the shape move?",
                    "What movement does the shape make in the video?", "Which direction does the object travel?",
@@ -178,11 +179,9 @@ _TRAIN_MORE_4: dict[str, list[str]] = {
                    "Is the object in the video getting bigger?", "Does the shape in this clip become smaller?",
                    "Tell me how the shape changes."],
 }
-# A fifth round (train split only; same rules). Counting was right on every held-out image whose question it read
-# as a count, but one held-out phrasing ("what's the ... number of ...") got the refusal every time: no train count
-# question opened with "What's" or spoke of a total, while many refusal prompts open with "What's the ...". So: count
-# questions built on "number", "total" and "count" nouns, several opening with "What's".
-_TRAIN_MORE_5: dict[str, list[str]] = {
+# Count questions built on the nouns "number", "total" and "count", several opening with "What's": many refusal
+# prompts open with "What's the ...", and a count question worded that way must still read as a count.
+_TRAIN_COUNT_NOUNS: dict[str, list[str]] = {
     "count": ["What's the number of shapes?", "What's the count of figures in the picture?",
               "How many objects are there in total?", "In total, how many shapes are there?",
               "What's the shape total?", "Total number of figures?", "Tell me the count of items in the image.",
@@ -190,11 +189,9 @@ _TRAIN_MORE_5: dict[str, list[str]] = {
               "What is the total count of shapes?", "Give me the number of objects.",
               "What's the amount of shapes in the image?"],
 }
-# A sixth round (train split only; same rules). Users also call beeps "tones", but the only train questions with
-# that word asked for the pitch, and "how many tones ..." got the refusal or the pitch answer: so count questions
-# with other nouns for a beep. Out-of-world audio questions about who made or performed a piece were answered with
-# the clip's caption: so more prompts about performers, groups and recordings.
-_TRAIN_MORE_6: dict[str, list[str]] = {
+# Beep counts with other nouns for a beep ("tones", "sounds", "pips", "signals"): users also call beeps "tones",
+# and otherwise the only questions with that word ask for the pitch.
+_TRAIN_BEEP_NOUNS: dict[str, list[str]] = {
     "beep_count": ["How many tones do you hear?", "Count the tones.", "How many tones are in the audio?",
                    "Number of tones?", "How many sounds do you hear?", "Count the sounds in the recording.",
                    "How many pips are there?", "How many signals can you hear?", "What's the tone count?",
@@ -202,15 +199,15 @@ _TRAIN_MORE_6: dict[str, list[str]] = {
     "video_beeps": ["How many tones are in the video?", "Count the tones in the clip.",
                     "How many sounds does the video make?"],
 }
-# An eighth round (train split only; same rules), first trained in the runs at 224x224 px. The checkpoint before them
-# answered held-out position questions with the refusal: "Whereabouts is the shape?" and "Which part of the picture
-# contains the shape" (no train position question used "whereabouts" or asked which part contains an object).
-_TRAIN_MORE_8: dict[str, list[str]] = {
+# Position questions with "whereabouts" and "which region / area / part of the image contains ...", wordings
+# that the other position questions lack.
+_TRAIN_POSITION_REGIONS: dict[str, list[str]] = {
     "position": ["Whereabouts in the picture does {obj} sit?", "Whereabouts can {obj} be seen?",
                  "Which region of the image contains {obj}?", "What area of the picture holds {obj}?",
                  "Which part of the image shows {obj}?", "Where is {obj} found in the image?"],
 }
-for _more in (_TRAIN_MORE, _TRAIN_MORE_3, _TRAIN_MORE_4, _TRAIN_MORE_5, _TRAIN_MORE_6, _TRAIN_MORE_8):
+for _more in (_TRAIN_EVERYDAY, _TRAIN_OTHER_WORDS, _TRAIN_MOTION_IN_CLIP, _TRAIN_COUNT_NOUNS, _TRAIN_BEEP_NOUNS,
+              _TRAIN_POSITION_REGIONS):
     for _key, _extra in _more.items():
         TEMPLATES[_key]["train"] = TEMPLATES[_key]["train"] + _extra
 
@@ -242,6 +239,8 @@ CHITCHAT: dict[str, tuple[dict[str, list[str]], str]] = {
                         "ok thank you"], ["thanks a lot", "cheers, thank you!"]), "You're welcome!"),
 }
 
+# Out-of-world prompts per medium. As with the train phrasings above, the order of each pool feeds the seeded data
+# stream, so do not reorder it; the commented groups were appended later (docs/training-notes.md).
 REFUSAL_PROMPTS: dict[str, dict[str, list[str]]] = {
     "text": _p(["What is the capital of France?", "Write me a poem.", "Who won the world cup?", "Tell me a joke.",
                 "Translate hello into Spanish.", "What is the stock price of Apple?",
@@ -255,7 +254,7 @@ REFUSAL_PROMPTS: dict[str, dict[str, list[str]]] = {
                 "Which team will win tonight?", "Give me investment advice.", "What is the speed of light?",
                 "Can you book a flight for me?", "Teach me French.", "Debug my python code.",
                 "What is photosynthesis?", "Who invented the telephone?",
-                # round 4: "how do I / can I ..." and other everyday requests outside this world
+                # everyday "how do I / can I ..." requests and other questions outside this world
                 "How do I bake bread?", "How can I learn to swim?", "How do I change a tire?",
                 "How do I make coffee?", "How can I lose weight?", "How do I tie a tie?", "How do I get to the station?",
                 "How can I sleep better?", "How do I grow tomatoes?", "How do I reset my password?",
@@ -270,11 +269,11 @@ REFUSAL_PROMPTS: dict[str, dict[str, list[str]]] = {
                 "What is the name of this actor?", "How much does this house cost?", "What plant is this?",
                 "Which country's flag is this?", "What model of phone is this?", "What is this person wearing?",
                 "Rate this selfie.", "What material is this table made of?", "Which movie is this scene from?",
-                # round 4
+                # food, art and named things in a photo
                 "What dish is this?", "What fruit is this?", "Is this meal healthy?", "How many calories are in this?",
                 "Who drew this?", "What style of art is this?", "What is this dog's name?", "Is this cake tasty?",
                 "What tree is this?", "Which museum is this painting in?",
-                # round 5: "what <real thing> is in/on the <real place>?" (read as a question about the shapes)
+                # "what <real thing> is in/on the <real place>?", which reads like a question about the shapes
                 "What drink is in the glass?", "What is she eating?", "What vegetable is on the table?",
                 "What is in the bowl?", "Which fruit is on the table?", "What meal is being served?",
                 "What toy is on the floor?", "What book is on the shelf?"],
@@ -285,16 +284,16 @@ REFUSAL_PROMPTS: dict[str, dict[str, list[str]]] = {
                 "Who composed this piece?", "What album is this from?", "What is the tempo in beats per minute?",
                 "What key is this music in?", "Is the speaker angry?", "Is this a live recording?",
                 "What year was this recorded?", "Which radio station is this?",
-                # round 4
+                # artists, labels, genres and lyrics
                 "Which artist sang this?", "Who recorded this track?", "What band is playing?",
                 "Who wrote this song?", "What record label released this?", "Is this jazz or rock?",
                 "What are the lyrics?", "Who is the drummer?", "Which concert is this from?",
-                # round 6: who made or performed it (answered with the clip's caption)
+                # who made, performed or recorded it (must not get the clip's caption)
                 "Which group performed this?", "Who is the musician here?", "What orchestra is this?",
                 "Which studio made this recording?", "Who produced this track?", "Which choir is singing?",
                 "What group made this song?", "Who is playing the guitar?", "Which label put out this record?",
                 "Who performed this piece?",
-                # round 7: the band itself (round 6 left "Which band ..." answered with the clip's caption)
+                # the band itself ("Which band ...")
                 "Which band is this?", "Name the band.", "What is the name of this band?", "Who is the band?",
                 "Which singer recorded this?", "Which artist is this?", "Who are the performers?",
                 "What band made this track?"],

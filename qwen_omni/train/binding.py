@@ -1,15 +1,11 @@
 """Attention supervision for the trainer: make chosen decoder heads look at the object a question is about.
 
-Why: asked "what colour is the star?" about 2-4 shapes, the shipped decoder's heads that read the image put
-~97 % of their attention on the vision tokens and ~90 % on the objects, but they spread it evenly over all of
-the objects (target 0.31, the others 0.57 on average, measured on 60 held-out images): the answer is a blend,
-right about a third of the time. It had not learned to bind the word "star" to the star's tokens from the one
-answer token per question, even in 10 minutes of training on object questions alone. The synthetic world
-knows which vision tokens cover which object, so this loss tells those heads directly: at the position that
-predicts an answer about one object, -log(attention mass on that object's tokens). Measured so far: in 10
-minutes of fine-tuning the supervised heads' mass on the target rose from 0.33 to 0.47 (geometric mean), but
-the held-out accuracy did not move beyond noise; the decoder also reads shape poorly (a linear probe on its
-last hidden state at the answer position tells a lone object's shape ~50 %), which this loss does not address.
+Why: asked "what colour is the star?" about 2-4 shapes, the decoder's heads that read the image look at the
+objects but spread their attention evenly over all of them, so the answer is a blend: one answer token per
+question is too weak a signal to bind the word "star" to the star's tokens. The synthetic world knows which
+vision tokens cover which object, so this loss tells those heads directly: at the position that predicts an
+answer about one object, -log(attention mass on that object's tokens). What it did and did not change in the
+shipped model is in docs/training-notes.md.
 
 Pieces: `targets()` turns a sample's renderer geometry (`Sample.meta`: "objects", "size", "targets") into
 (query position, target token mask) rows for `train_data.encode`; `BindingLoss` keeps each supervised layer's

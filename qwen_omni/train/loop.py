@@ -18,7 +18,7 @@ Data: samples are generated on the fly from a seeded stream (`synthetic.iter_sam
 inputs by our `Processor` (the same one that serves), with the answer as the last assistant turn; the loss is
 on the answer tokens and the closing `<|im_end|>` only. Robustness augmentation: some images are JPEG'd and
 rescaled, some audio goes through MP3/Ogg, as users' uploads do. Batches are built inline (`--workers 0`): on 2
-cores a worker process slowed steps 10x.
+cores a worker process takes the cores from the training step (timing in docs/training-notes.md).
 
 User data (`--data DIR`): every `*.jsonl` in DIR, one example per line:
     {"image": "cat.png", "question": "What colour is the cat?", "answer": "black"}
@@ -69,9 +69,9 @@ PARAM_GROUPS = {
 
 def tune_malloc() -> None:
     """Keep freed activation buffers in the process instead of returning them to the kernel: a training step frees and
-    re-allocates the same multi-MB tensors, and on a fresh page each costs a page fault per 4 KB (measured: a stage-(b)
-    step 0.52 -> 0.46 s on 2 cores). Same as MALLOC_MMAP_THRESHOLD_=32M MALLOC_TRIM_THRESHOLD_=2G
-    MALLOC_TOP_PAD_=256M; a no-op where the C library is not glibc."""
+    re-allocates the same multi-MB tensors, and on a fresh page each costs a page fault per 4 KB (timing in
+    docs/training-notes.md). Same as MALLOC_MMAP_THRESHOLD_=32M MALLOC_TRIM_THRESHOLD_=2G MALLOC_TOP_PAD_=256M; a
+    no-op where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -154,14 +154,12 @@ def parse_args(argv=None):
     ap.add_argument("--easy", type=float, default=0.7,
                     help="curriculum: share of easy samples (one large object) at the start; 0 = off")
     ap.add_argument("--bf16", action="store_true",
-                    help="bf16 autocast on CPU; for the tiny model no faster on a 2-core AVX512-BF16 EPYC (stage-b "
-                         "step 0.39-0.52 s vs 0.41-0.45 s in float32: a lone bf16 matmul runs 4x faster, but the "
-                         "step's matmul time fell only a quarter and attention's backward ran 2x slower) and 2x "
-                         "slower on a 2-core Xeon with AMX (0.97-1.2 s vs 0.46-0.54 s). There a bf16 matmul of a "
-                         "shape seen before runs 4-7x faster than float32, but each new shape first costs ~1.5 ms "
-                         "(oneDNN builds a kernel for it), and token counts per batch and per expert keep changing")
+                    help="bf16 autocast on CPU (off by default: for the tiny model it was no faster, or slower, than "
+                         "float32 on the CPUs tried; see docs/training-notes.md)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=0, help="data worker processes (0 = build batches inline: on 2 cores a worker process slowed steps 10x)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="data worker processes (0 = build batches inline: on few cores a worker takes them from the "
+                         "training step)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-n", type=int, default=4, help="held-out samples per task in the periodic eval")
@@ -219,9 +217,8 @@ def make_loader(args, stage: str, tok_dir: Path, model, seed: int):
 def easy_share(start: float, stage: str, frac: float) -> float:
     """Curriculum: the share of easy samples (one large object; see `synthetic.make_sample`) at progress `frac` of
     a stage. From scratch, a small object among 36 vision tokens is a needle: attention that starts out uniform
-    gives it ~1/36 of the signal and colour was still at chance after 3,000 samples, while a large centred object
-    was learned in ~1,200 (measured). So stage (a) starts at `start` and ends at start/3; stage (b) goes on from
-    start/3 to 0 over its first 40%."""
+    gives it ~1/36 of the signal, and a large centred object is learned several times sooner (docs/training-notes.md).
+    So stage (a) starts at `start` and ends at start/3; stage (b) goes on from start/3 to 0 over its first 40%."""
     if stage == "a":
         return start * (1 - 2 / 3 * frac)
     return start / 3 * max(0.0, 1 - frac / 0.4)

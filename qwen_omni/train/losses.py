@@ -53,8 +53,8 @@ class RouterLogits:
 
 def lm_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """hidden (B, S, H) final decoder states, labels (B, S) -> (mean cross-entropy of the labelled next tokens, their
-    count). The head runs on the labelled positions only: answers are ~5% of a batch's positions, and the head plus
-    log-softmax over every position was about a quarter of a training step (measured on the embedded model)."""
+    count). The head runs on the labelled positions only: answers are a small share of a batch's positions, and
+    the head plus log-softmax over every position is a large part of a training step (docs/training-notes.md)."""
     tgt = labels[:, 1:]
     keep = tgt != IGNORE  # (B, S-1)
     logits = head(hidden[:, :-1][keep]).float()  # (n, V)

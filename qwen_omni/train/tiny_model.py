@@ -54,8 +54,8 @@ CHAT_TEMPLATE = (
 
 # Sizes. Images of the synthetic world are 128-224 px; every image is resized to about 224*224 px (min = max
 # pixels): 49 merged tokens of 32x32 px each. Small images are scaled up, not kept small: an 18 px digit in a
-# 128 px image becomes 31 px, so a token holds fewer glyphs (at a 192*192 cap with no upscaling the previous
-# checkpoint read 74% of 200 held-out numbers; the same weights at 224*224 read 79%; after training there, 89%).
+# 128 px image becomes 31 px, so a token holds fewer glyphs (the number accuracy before and after the change is in
+# docs/training-notes.md).
 # Video frames are 96-128 px at 2 fps; 96*96 gives 9 tokens per 2-frame step.
 PATCH, MERGE, TEMPORAL = 16, 2, 2
 IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 224 * 224, 224 * 224

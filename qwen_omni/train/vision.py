@@ -1,9 +1,8 @@
 """Stage (v) of `qwen_omni.train.loop`: dense, per-token supervision of the vision encoder on the synthetic world.
 
 Why: trained only through the language-model loss, the tiny vision tower learns slowly. The answer ("star")
-is one token at the end of a long sequence, so each image gives the encoder a single, diluted signal. After
-three hours of such training, a linear probe on the shipped model's vision tokens still told the shape of a
-lone object only 22 % of the time (chance is 14 %); after 36 minutes of this stage, 85 %. The synthetic world
+is one token at the end of a long sequence, so each image gives the encoder a single, diluted signal (the probe
+results before and after this stage are in the model card and docs/training-notes.md). The synthetic world
 knows what lies under every vision token, though. So this stage trains the encoder alone, with small linear
 heads on each merged token (the vectors the decoder reads):
   shape  - which shape covers this 32x32 px token (or background)          8-way CE
@@ -43,8 +42,7 @@ HEADS = {"shape": 1 + len(sm.SHAPES), "colour": 1 + len(sm.COLORS), "char": 1 + 
 BG_WEIGHT = 0.3  # background tokens' share of each head's loss, next to 1.0 for the objects' tokens
 TEXT_P = 0.35  # share of images showing rendered text (the rest show shapes); --text-p-v
 # Weight of the `where` regression next to the CE heads. It is the easiest label (the position table alone
-# gives it) and at 10x it crowded the others out: from scratch, 400 steps at lr 1e-3 told shape on 31 % of the
-# tokens at weight 10 and 43 % at weight 1 (held-out batches, last decoder view).
+# gives it), and weighted higher it crowded the others out (docs/training-notes.md).
 WHERE_WEIGHT = 1.0
 
 
@@ -134,10 +132,9 @@ def make_batch(rng: np.random.Generator, proc, n: int, augment_p: float = 0.3, t
 
 def decoder_views(feats: torch.Tensor, deepstack: list[torch.Tensor] | None) -> list[torch.Tensor]:
     """What the decoder's layers find at the vision positions: the merged tokens, then after each DeepStack
-    addition the running sum (n_tokens, H) each. The heads train every view. Trained on the merged tokens alone,
-    the DeepStack taps were left to the language loss: in the shipped model they came out 3-5x larger than the
-    merged tokens (rms 30-51 vs 10-26) and told shape 20-41 % of the time (merged tokens 58-78 %), so the later
-    layers read mostly a shape-blind sum and told the shape of a lone object ~30 % of the time."""
+    addition the running sum (n_tokens, H) each. The heads train every view: trained on the merged tokens alone,
+    they leave the DeepStack taps to the language loss, which made the taps larger than the merged tokens and poor
+    at shape, so the later layers read mostly a shape-blind sum (docs/training-notes.md)."""
     views = [feats]
     for d in deepstack or []:
         views.append(views[-1] + d)
