@@ -249,6 +249,8 @@ def _decode_audio(src: Source, sr: int, label: str) -> np.ndarray:
     x = np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)
     if x.size == 0:
         raise MediaError(f"Audio {label} is empty (zero length): nothing could be decoded from it.")
+    if not np.isfinite(x).all():  # float WAV/FLAC can carry them; the encoder would turn them into an empty answer
+        raise MediaError(f"Audio {label} contains invalid samples (NaN or infinity).")
     return x
 
 

@@ -176,6 +176,17 @@ def test_audio_bad_inputs(media, tmp_path):
         load_audio(tmp_path / "nope.wav")
     with pytest.raises(MediaError, match="NaN"):
         load_audio((16000, np.array([0.0, np.nan], np.float32)))
+    # a float WAV whose samples are NaN or infinite (the fuzzing's case: it used to give an empty answer)
+    for bad in (np.nan, np.inf):
+        wav = tmp_path / "float.wav"
+        with av.open(str(wav), "w", format="wav") as c:
+            stream = c.add_stream("pcm_f32le", rate=16000, layout="mono")
+            frame = av.AudioFrame.from_ndarray(np.full((1, 1600), bad, np.float32), format="flt", layout="mono")
+            frame.sample_rate = 16000
+            for packet in [*stream.encode(frame), *stream.encode(None)]:
+                c.mux(packet)
+        with pytest.raises(MediaError, match=r"'float\.wav' contains invalid samples \(NaN or infinity\)"):
+            load_audio(wav)
 
 
 # ------------------------------------------------------------------------------------------ video
