@@ -36,9 +36,18 @@ def test_one_shot_question_streams_an_answer(model_dir):
 
 
 def test_interactive_multi_turn(model_dir):
+    """Each turn's answer is the library's answer to the whole conversation so far, in order."""
+    import qwen_omni
+
+    bot = qwen_omni.load(model_dir)
+    history = [{"role": "user", "content": "hello"}]
+    first = bot.chat(history, max_new_tokens=6)
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "and you?"}]
+    second = bot.chat(history, max_new_tokens=6)
     r = run(["chat", "--model", str(model_dir), "--max-new-tokens", "6"], stdin="hello\nand you?\n/quit\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("> ") >= 3
+    turns = r.stdout.split("> ")[1:]  # the banner, then one prompt per line read
+    assert len(turns) == 3 and turns[0].rstrip("\n") == first and turns[1].rstrip("\n") == second, r.stdout
 
 
 def test_bad_model_path_is_one_line(tmp_path):

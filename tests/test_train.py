@@ -19,6 +19,8 @@ from PIL import Image
 
 from qwen_omni.train import tiny_model as tm
 from qwen_omni.train import loop as T
+from qwen_omni.train import stages
+from qwen_omni.train.losses import RouterLogits, lm_loss
 from qwen_omni.train import data as D
 from qwen_omni.synthetic.tasks import make_sample
 
@@ -138,11 +140,11 @@ def test_batched_steps_reduce_loss(ckpt):
             n = x["input_ids"].shape[1]
             torch.testing.assert_close(lb[i:i + 1, :n], model(x), atol=2e-4, rtol=1e-4)
     model.train()
-    router = T.RouterLogits(model)
+    router = RouterLogits(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(12):
-        loss, n = T.lm_loss(model.lm_head, model.hidden(batch), batch["labels"])
+        loss, n = lm_loss(model.lm_head, model.hidden(batch), batch["labels"])
         aux = router.aux_loss()
         assert n > 4 and 0.5 < float(aux.detach()) < 8.0
         opt.zero_grad()
@@ -173,8 +175,8 @@ def test_inline_stream_keeps_the_trainers_threads_and_follows_the_curriculum(ckp
         hard = [next(it) for _ in range(3)]
         n_img = [int(b["image_grid_thw"].shape[0]) for b in [easy, *hard]]
         assert n_img == [4, 4, 4, 4]  # one image per row either way; what changes is its content
-        assert T.easy_share(0.7, "a", 0.0) == 0.7 and T.easy_share(0.7, "b", 0.5) == 0.0
-        assert abs(T.easy_share(0.7, "a", 1.0) - T.easy_share(0.7, "b", 0.0)) < 1e-9  # continuous across stages
+        assert stages.easy_share(0.7, "a", 0.0) == 0.7 and stages.easy_share(0.7, "b", 0.5) == 0.0
+        assert abs(stages.easy_share(0.7, "a", 1.0) - stages.easy_share(0.7, "b", 0.0)) < 1e-9  # continuous across stages
     finally:
         torch.set_num_threads(before)
 
@@ -206,9 +208,9 @@ def test_mix_reweights_stage_b_and_rejects_unknown_tasks(ckpt, capsys):
     d, model = ckpt
     args = T.parse_args(["--mix", "shape=4,pitch=0", "--batch", "2"])
     assert args.mix == {"shape": 4.0, "pitch": 0.0}
-    _, ds = T.make_loader(args, "b", d, model, seed=0)
+    _, ds = stages.make_loader(args, "b", d, model, seed=0)
     assert ds.weights == {**D.STAGE_B_WEIGHTS, "shape": 4.0, "pitch": 0.0}
-    _, ds_a = T.make_loader(args, "a", d, model, seed=0)
+    _, ds_a = stages.make_loader(args, "a", d, model, seed=0)
     assert ds_a.weights == D.STAGE_A_TASKS  # stage (a) keeps its own mix
     with pytest.raises(SystemExit):
         T.parse_args(["--mix", "shapes=2"])

@@ -7,8 +7,6 @@ import pytest
 import qwen_omni
 from qwen_omni.speech import offline_voice as voice
 
-from .test_foundation import assistant, chat_dir  # noqa: F401  (module-scoped fixtures)
-
 pytestmark = pytest.mark.skipif(not voice.available(), reason="espeak-ng is not installed (CI installs it)")
 
 
@@ -31,19 +29,25 @@ def test_option_like_text_is_spoken_not_parsed():
     assert voice.synthesize("--help me").size > 0
 
 
-def test_chat_streams_audio_before_the_reply_ends(assistant):  # noqa: F811
-    msgs = [{"role": "user", "content": "hello world"}]
+def test_chat_speaks_the_reply():
+    """Through `Assistant.chat(speech=True)` on the embedded model: the same text as without speech, and exactly the
+    offline voice's audio of that text, streamed as chunks after the text they speak (sentence timing itself:
+    `test_first_audio_is_yielded_before_the_text_ends`)."""
+    assistant = qwen_omni.load()
+    msgs = [{"role": "user", "content": "What can you do?"}]
     stats = {}
-    events = list(assistant.chat(msgs, max_new_tokens=24, stream=True, speech=True, stats=stats))
+    events = list(assistant.chat(msgs, max_new_tokens=80, stream=True, speech=True, stats=stats))
     text = "".join(e for e in events if isinstance(e, str))
-    assert text == assistant.chat(msgs, max_new_tokens=24)
+    assert text == assistant.chat(msgs, max_new_tokens=80) and text.startswith("I can")
     kinds = ["t" if isinstance(e, str) else "a" for e in events]
-    if any(ch in text for ch in ".!?;:\n"):  # a finished sentence is spoken while text still follows
-        assert "a" in kinds
-    text2, audio = assistant.chat(msgs, max_new_tokens=24, speech=True)
+    assert kinds[0] == "t" and "a" in kinds
+    streamed = np.concatenate([e for e in events if not isinstance(e, str)])
+    np.testing.assert_array_equal(streamed, voice.synthesize(text))
+    text2, audio = assistant.chat(msgs, max_new_tokens=80, speech=True)
     assert text2 == text and audio.dtype == np.float32
-    if "a" in kinds:
-        assert stats["time_to_first_audio"] > 0 and stats["audio_seconds"] > 0
+    np.testing.assert_array_equal(audio, streamed)
+    assert stats["time_to_first_audio"] > 0 and stats["speech"] == "offline"
+    assert abs(stats["audio_seconds"] - streamed.size / voice.SAMPLE_RATE) < 1e-6
 
 
 def test_unknown_voice_is_a_clear_error():
