@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from .audio_out import FORMATS, canonical
+
 AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "oga", "opus", "m4a", "aac", "webm", "weba", "pcm16"}
 PART_KINDS = {"image_url": "image", "video_url": "video", "audio_url": "audio", "input_audio": "audio"}
 MAX_STOP = 4
@@ -291,8 +293,6 @@ def _sampling(body: dict, req: ChatRequest) -> None:
 
 
 def _audio_param(a: Any) -> dict:
-    from .audio_out import FORMATS, canonical
-
     if a is None:
         a = {}
     if not isinstance(a, dict):

@@ -34,6 +34,8 @@ import uuid
 
 import numpy as np
 
+from ..speech.vad import Endpointer
+from .backends import api_error
 from .openai_api import APIError
 from .speech_api import check_voice, start_chat_speech
 
@@ -222,8 +224,6 @@ class RealtimeSession:
             self.take_buffer()  # silence only: nothing to keep (the endpointer holds just its padding)
 
     def _new_endpointer(self):
-        from ..speech.vad import Endpointer
-
         td = getattr(self, "_vad_settings", {}) or {}
         return Endpointer(threshold=float(td.get("threshold", 0.5)), silence_ms=int(td.get("silence_duration_ms", 600)),
                           padding_ms=int(td.get("prefix_padding_ms", 300)),
@@ -301,8 +301,6 @@ class RealtimeSession:
         except asyncio.CancelledError:
             status, reason = "cancelled", "turn_detected"
         except Exception as e:  # noqa: BLE001 - this reply failed; the session goes on
-            from .backends import api_error
-
             status = "failed"
             err = api_error(e)
             await self.error(err.message, code=err.code or "response_failed")

@@ -34,6 +34,7 @@ from .backends import Job, LocalBackend, RemoteBackend, api_error
 from .openai_api import APIError, ChatRequest, MediaPolicy, StopText, chunk, completion, completion_id, \
     parse_chat_request, usage
 from .process_backend import ProcessBackend
+from .realtime import install_realtime
 from .remote import RemoteAssistant, RemoteError
 from .speech_api import TranscriptStore, chat_audio, parse_speech_request, speech_response, voices_of
 
@@ -167,7 +168,6 @@ def create_app(cfg: ServeConfig, load_backend: Callable[[], Any], on_load_error:
         assistant, exclusive = speaker(backend)
         return await speech_response(sp, assistant, exclusive, api_error)
 
-    from .realtime import install_realtime
     install_realtime(app, cfg, state, model_name)
 
     @app.post("/v1/chat/completions")

@@ -36,6 +36,7 @@ import torch
 
 from ..engine.tokenizer import StreamDecoder
 from ..errors import InputError
+from ..speech import offline_voice
 from .audio_out import FORMATS, MIME, StreamEncoder, canonical, encode, pcm16
 from .openai_api import APIError, ChatRequest, StopText, chunk, completion, usage
 
@@ -91,8 +92,6 @@ class TranscriptStore:
 
 def voices_of(assistant) -> list[str]:
     """The voices a spoken reply may use; [] when speech is off or the offline voice has no espeak-ng."""
-    from ..speech import offline_voice
-
     speech = assistant.speech
     if speech.family is None and not offline_voice.available():
         return []
