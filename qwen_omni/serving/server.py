@@ -36,7 +36,8 @@ from .openai_api import APIError, ChatRequest, MediaPolicy, StopText, chunk, com
 from .process_backend import ProcessBackend
 from .realtime import install_realtime
 from .remote import RemoteAssistant, RemoteError
-from .speech_api import TranscriptStore, chat_audio, parse_speech_request, speech_response, voices_of
+from .speech_api import TranscriptStore, chat_audio, local_speech, parse_speech_request, remote_speech, \
+    speech_response, voices_of
 
 log = logging.getLogger("qwen_omni.serving.server")
 MB = 1 << 20
@@ -180,10 +181,13 @@ def create_app(cfg: ServeConfig, load_backend: Callable[[], Any], on_load_error:
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name()}'",
                            "not_found_error", param="model", code="model_not_found")
         req.messages = state.transcripts.resolve(req.messages)  # assistant `audio: {id}` -> its transcript
-        if req.audio is not None and backend.kind != "openai":  # the remote backend passes audio through
-            assistant, exclusive = speaker(backend)
-            return await chat_audio(req, assistant, exclusive, state.transcripts, completion_id(), model_name(),
-                                    backend.defaults, lambda e: api_error(e, req))
+        if req.audio is not None:
+            if backend.kind == "openai":  # the upstream speaks; its audio is passed through
+                start, count = remote_speech(req, backend.remote)
+            else:
+                start, count = local_speech(req, *speaker(backend), backend.defaults)
+            return await chat_audio(req, start, count, state.transcripts, completion_id(), model_name(),
+                                    lambda e: api_error(e, req))
         try:
             job = await backend.start(req)
         except Exception as e:  # noqa: BLE001 - mapped to a status
@@ -226,7 +230,7 @@ def parse(raw: bytes, policy: MediaPolicy) -> ChatRequest:
 def backend_voices(backend) -> list[str]:
     if getattr(backend, "assistant", None) is not None:
         return voices_of(backend.assistant)
-    return list(getattr(backend, "voices", []))
+    return list(getattr(getattr(backend, "remote", None), "voices", []))
 
 
 def job_usage(job: Job) -> dict:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -176,11 +177,12 @@ def run_spoken(job: SpeechJob, make_parts, exclusive) -> None:
             finally:
                 parts.close()
         s = job.stats
-        job.prompt_tokens = s.get("prompt_tokens", 0)
-        job.completion_tokens = s.get("completion_tokens", 0)
-        job.cached_tokens = s.get("reused_tokens", 0)
+        job.prompt_tokens = s.get("prompt_tokens") or 0
+        job.completion_tokens = s.get("completion_tokens") or 0
+        job.cached_tokens = s.get("reused_tokens") or 0
         max_new = s.get("max_new_tokens")
-        job.post("end", "length" if max_new and job.completion_tokens >= max_new else "stop")
+        reason = s.get("finish_reason") or ("length" if max_new and job.completion_tokens >= max_new else "stop")
+        job.post("end", reason)
     except Exception as e:  # noqa: BLE001 - handed to the request
         job.post("error", e)
 
@@ -264,18 +266,48 @@ def sse_line(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def chat_audio(req: ChatRequest, assistant, exclusive, store: TranscriptStore, cid: str, model: str,
-                     defaults: dict, on_error):
-    """The response to a chat completion that asked for audio (JSON, or SSE with interleaved audio deltas)."""
-    from fastapi.responses import JSONResponse, StreamingResponse
-
+def local_speech(req: ChatRequest, assistant, exclusive, defaults: dict):
+    """(start, count_audio) for `chat_audio` with the local model (the voice is checked now: 400 if unknown)."""
     voice = check_voice(assistant, req.audio["voice"])
     options = {}
     if assistant.processor is not None and req.use_audio_in_video is not None:
         options["use_audio_in_video"] = req.use_audio_in_video
     sampling = req.sampling(defaults)
     sampling["repetition_penalty"] = req.repetition_penalty
-    job = start_chat_speech(assistant, exclusive, req.messages, voice, sampling, req.max_tokens, options)
+
+    def start() -> SpeechJob:
+        return start_chat_speech(assistant, exclusive, req.messages, voice, sampling, req.max_tokens, options)
+    return start, lambda job: audio_tokens(assistant, job.audio_seconds)
+
+
+def remote_speech(req: ChatRequest, remote):
+    """(start, count_audio) for `chat_audio` through a `RemoteAssistant`: the upstream's audio passed through."""
+    def start() -> SpeechJob:
+        job = SpeechJob(asyncio.get_running_loop())
+
+        def make_parts():
+            s = req.sampling()
+            return remote.chat(req.messages, stream=True, stats=job.stats, speech=True, voice=req.audio["voice"],
+                               max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                               top_k=s["top_k"], repetition_penalty=s["repetition_penalty"], seed=req.seed,
+                               ignore_eos=req.ignore_eos, use_audio_in_video=req.use_audio_in_video)
+        threading.Thread(target=run_spoken, args=(job, make_parts, contextlib.nullcontext()), daemon=True,
+                         name="qwen-omni-remote-speech").start()
+        return job
+
+    def count(job: SpeechJob) -> int:
+        n = job.stats.get("audio_tokens")
+        return int(n) if n is not None else int(round(job.audio_seconds * OFFLINE_AUDIO_TOKENS_PER_SECOND))
+    return start, count
+
+
+async def chat_audio(req: ChatRequest, start, count_audio, store: TranscriptStore, cid: str, model: str, on_error):
+    """The response to a chat completion that asked for audio (JSON, or SSE with interleaved audio deltas).
+
+    start() -> SpeechJob begins the reply; count_audio(job) -> its audio tokens (see local_speech, remote_speech)."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    job = start()
     audio_id, expires_at = store.new_id()
     try:
         first = await job.next()  # errors before the first piece (bad media, context overflow) get a status
@@ -304,8 +336,7 @@ async def chat_audio(req: ChatRequest, assistant, exclusive, store: TranscriptSt
             batch = await job.next()
 
     def use() -> dict:
-        return usage(job.prompt_tokens, job.completion_tokens, job.cached_tokens,
-                     audio_tokens=audio_tokens(assistant, job.audio_seconds))
+        return usage(job.prompt_tokens, job.completion_tokens, job.cached_tokens, audio_tokens=count_audio(job))
 
     def finish() -> str:
         return "length" if job.finish_reason == "length" else "stop"
