@@ -261,3 +261,31 @@ def test_realtime_bad_client(served, model):
             codes.append(json.loads(ws.recv())["error"]["code"])
         assert codes == ["input_audio_buffer_too_long", "input_audio_buffer_commit_empty"]
     assert httpx.get(served[1] + "/health").json()["status"] == "ok"
+
+
+def test_remote_sends_modalities_and_passes_audio_through():
+    """`--backend openai`: `modalities` is always explicit; the upstream's pcm16 deltas come out as float32."""
+    from qwen_omni.serving.remote import RemoteAssistant
+
+    bodies = []
+    pcm = (np.sin(np.arange(2400) / 10) * 8000).astype("<i2").tobytes()
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        events = [{"choices": [{"index": 0, "delta": {"content": "Hi."}}]},
+                  {"choices": [{"index": 0, "delta": {"audio": {"id": "audio_up", "data": base64.b64encode(pcm)
+                                                                 .decode(), "expires_at": 1}}}]},
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+    remote = RemoteAssistant("http://upstream.invalid/v1", model="m")
+    remote._client = httpx.Client(transport=httpx.MockTransport(upstream))
+    assert remote.chat([{"role": "user", "content": "hi"}]) == "Hi."
+    stats = {}
+    parts = list(remote.chat([{"role": "user", "content": "hi"}], speech=True, voice="Ethan", stream=True,
+                              stats=stats))
+    assert bodies[0]["modalities"] == ["text"] and "audio" not in bodies[0]
+    assert bodies[1]["modalities"] == ["text", "audio"] and bodies[1]["audio"] == {"format": "pcm16", "voice": "Ethan"}
+    assert parts[0] == "Hi." and parts[1].dtype == np.float32 and parts[1].size == 2400
+    assert stats["audio_id"] == "audio_up"

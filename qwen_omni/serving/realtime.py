@@ -65,12 +65,21 @@ class RealtimeSession:
         self.job = None
         self.id = _id("sess")
         self._send_lock = asyncio.Lock()
+        self.closed = False
 
     # ---- sending -------------------------------------------------------------------------------------------------
     async def send(self, event: dict) -> None:
+        """Send one server event; once the client has gone, events are dropped (a reply may still be ending)."""
+        from starlette.websockets import WebSocketDisconnect
+
+        if self.closed:
+            return
         event.setdefault("event_id", _id("event"))
         async with self._send_lock:
-            await self.ws.send_text(json.dumps(event))
+            try:
+                await self.ws.send_text(json.dumps(event))
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                self.closed = True
 
     async def error(self, message: str, code: str = "invalid_request_error", param: str | None = None,
                     event_id: str | None = None) -> None:
@@ -119,6 +128,7 @@ class RealtimeSession:
         except WebSocketDisconnect:
             pass
         finally:
+            self.closed = True
             self.cancel_response()
 
     async def handle(self, event: dict) -> None:

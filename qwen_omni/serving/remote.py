@@ -143,7 +143,7 @@ class RemoteAssistant:
             body["ignore_eos"] = True
         if use_audio_in_video is not None and _has_video(messages):
             body["mm_processor_kwargs"] = {"use_audio_in_video": bool(use_audio_in_video)}
-        pieces = self._stream(body, stats if stats is not None else {})
+        pieces = self._stream(body, stats if stats is not None else {}, audio=speech)
         if stream:
             return pieces
         if not speech:
@@ -153,7 +153,7 @@ class RemoteAssistant:
         return ("".join(p for p in parts if isinstance(p, str)),
                 np.concatenate(audio) if audio else np.zeros(0, np.float32))
 
-    def _stream(self, body: dict, stats: dict) -> Iterator[str]:
+    def _stream(self, body: dict, stats: dict, audio: bool = False) -> Iterator[str | np.ndarray]:
         import httpx
 
         if self.model is None:
@@ -187,11 +187,11 @@ class RemoteAssistant:
                         if choice.get("finish_reason"):
                             stats["finish_reason"] = choice["finish_reason"]
                         delta = choice.get("delta") or {}
-                        audio = delta.get("audio")
-                        if isinstance(audio, dict):
-                            stats.setdefault("audio_id", audio.get("id"))
-                            if audio.get("data"):
-                                pcm = base64.b64decode(audio["data"])
+                        spoken = delta.get("audio") if audio else None  # (never mixed into a text reply)
+                        if isinstance(spoken, dict):
+                            stats.setdefault("audio_id", spoken.get("id"))
+                            if spoken.get("data"):
+                                pcm = base64.b64decode(spoken["data"])
                                 yield np.frombuffer(pcm[:len(pcm) // 2 * 2], "<i2").astype(np.float32) / 32768
                         piece = delta.get("content")
                         if piece:
