@@ -36,8 +36,8 @@ from .openai_api import APIError, ChatRequest, MediaPolicy, StopText, chunk, com
 from .process_backend import ProcessBackend
 from .realtime import install_realtime
 from .remote import RemoteAssistant, RemoteError
-from .speech_api import TranscriptStore, chat_audio, local_speech, parse_speech_request, remote_speech, \
-    speech_response, voices_of
+from .speech_api import TranscriptStore, voices_of
+from .speech_http import chat_audio, local_speech, parse_speech_request, remote_speech, speech_response
 
 log = logging.getLogger("qwen_omni.serving.server")
 MB = 1 << 20
