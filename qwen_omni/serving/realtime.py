@@ -1,8 +1,8 @@
 """`WS /v1/realtime`: a voice conversation over one WebSocket, a subset of the OpenAI Realtime protocol.
 
 Design
-- One `RealtimeSession` per connection. Client events: `session.update` (voice, instructions, turn detection
-  `server_vad` or null, in the GA shape `session.audio.{input,output}` or the beta shape), `input_audio_buffer.append`
+- One `RealtimeSession` per connection. Client events: `session.update` (voice, instructions, max_output_tokens,
+  turn detection `server_vad` or null, in the GA shape `session.audio.{input,output}` or the beta shape), `input_audio_buffer.append`
   (base64 pcm16, 24 kHz mono), `input_audio_buffer.commit` / `.clear`, `conversation.item.create` (a user text
   message), `response.create`, `response.cancel`. Server events: `session.created` / `.updated`,
   `input_audio_buffer.speech_started` / `speech_stopped` / `committed` / `cleared`, `response.created`,
@@ -57,6 +57,7 @@ class RealtimeSession:
         self.voice = check_voice(self.assistant, None)
         self.instructions = ""
         self.vad_on = True
+        self.max_output_tokens = 256
         self.endpointer = None
         self.buffer: list[np.ndarray] = []  # 24 kHz audio appended since the last commit
         self.buffered = 0
@@ -92,6 +93,7 @@ class RealtimeSession:
         fmt = {"type": "audio/pcm", "rate": IN_RATE}
         return {"type": "realtime", "object": "realtime.session", "id": self.id, "model": self.model,
                 "output_modalities": ["audio"], "instructions": self.instructions,
+                "max_output_tokens": self.max_output_tokens,
                 "audio": {"input": {"format": fmt, "turn_detection": td},
                           "output": {"format": fmt, "voice": self.voice}}}
 
@@ -180,6 +182,14 @@ class RealtimeSession:
         voice = out.get("voice", s.get("voice"))
         if voice is not None:
             self.voice = check_voice(self.assistant, voice if isinstance(voice, str) else str(voice))
+        limit = s.get("max_output_tokens", s.get("max_response_output_tokens"))
+        if limit is not None:
+            if limit == "inf":
+                limit = 4096
+            if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 4096:
+                raise APIError(400, "max_output_tokens must be an integer from 1 to 4096 or \"inf\"",
+                               param="session.max_output_tokens")
+            self.max_output_tokens = limit
         if "instructions" in s:
             if not isinstance(s["instructions"], str):
                 raise APIError(400, "session.instructions must be a string", param="session.instructions")
@@ -287,7 +297,7 @@ class RealtimeSession:
         texts: list[str] = []
         status, reason = "completed", None
         job = self.job = start_chat_speech(self.assistant, self.backend.scheduler.exclusive(), messages, self.voice,
-                                           {"temperature": 0.0}, 256, {})
+                                           {"temperature": 0.0}, self.max_output_tokens, {})
         first_audio, sent_s = None, 0.0
         try:
             while not job.done:

@@ -323,6 +323,7 @@ def backend_loader(args) -> Callable[[], Any]:
         if args.threads:
             torch.set_num_threads(args.threads)
         assistant = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        assistant.speech.max_audio_seconds = getattr(args, "max_audio_seconds", None)
         return LocalBackend(assistant, args.max_batch, args.max_queue, args.max_model_len, args.prefix_cache_size)
     return load_local
 

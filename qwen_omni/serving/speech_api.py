@@ -203,8 +203,18 @@ def start_tts(assistant, exclusive, text: str, voice: str) -> SpeechJob:
     job = SpeechJob(asyncio.get_running_loop())
 
     def make_parts():
-        return assistant.speech.reply(forced_run(assistant, text), [{"role": "user", "content": text}], voice,
-                                      job.stats, time.perf_counter(), seed=0)
+        # a talker stops at its end-of-speech code; bound the audio to a generous reading time of the text anyway
+        # (1 s + 0.25 s per character, about 3.5x a normal pace), within the server's own cap. This runs under
+        # `exclusive`, so the temporary cap concerns this reply only.
+        speech = assistant.speech
+        cap = 1.0 + 0.25 * len(text)
+        old = speech.max_audio_seconds
+        speech.max_audio_seconds = cap if old is None else min(old, cap)
+        try:
+            yield from speech.reply(forced_run(assistant, text), [{"role": "user", "content": text}], voice,
+                                    job.stats, time.perf_counter(), seed=0)
+        finally:
+            speech.max_audio_seconds = old
     threading.Thread(target=run_spoken, args=(job, make_parts, exclusive), daemon=True,
                      name="qwen-omni-tts").start()
     return job
