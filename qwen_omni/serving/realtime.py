@@ -363,7 +363,8 @@ def install_realtime(app, cfg, state, model_name) -> None:
         if backend is None:
             problem = "the model is still loading; retry in a few seconds"
         elif getattr(backend, "assistant", None) is None:
-            problem = f"the realtime endpoint needs a local model; this server runs the {backend.kind} backend"
+            problem = ("the realtime endpoint needs the model in the server process; this server runs it elsewhere "
+                       "(--backend openai or --engine-process)")
         if problem is None:
             try:
                 session = RealtimeSession(ws, backend, model_name())
