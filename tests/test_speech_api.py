@@ -233,6 +233,14 @@ def test_realtime_session(client, model, served):
         done = until(conn, "response.done", seen)
         assert done.response.status == "cancelled"
         assert started.model_extra.get("interrupted_response") is True
+        # response.cancel from the client
+        seen = []
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "hello"}]})
+        conn.response.create()
+        until(conn, "response.output_audio.delta", seen)
+        conn.response.cancel()
+        assert until(conn, "response.done", seen).response.status == "cancelled"
     assert say(client, model).choices[0].message.content  # the server keeps serving
 
 
@@ -262,6 +270,18 @@ def test_realtime_bad_client(served, model):
         for _ in range(2):
             codes.append(json.loads(ws.recv())["error"]["code"])
         assert codes == ["input_audio_buffer_too_long", "input_audio_buffer_commit_empty"]
+        # turn detection off: the client commits and asks for the reply
+        pcm = spoken("what is this word?")
+        for i in range(0, len(pcm), 9600):
+            ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i:i + 9600]).decode()}))
+        ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        ws.send(json.dumps({"type": "response.create"}))
+        kinds = []
+        while not kinds or kinds[-1] != "response.done":
+            ev = json.loads(ws.recv(timeout=120))
+            kinds.append(ev["type"])
+        assert kinds[0] == "input_audio_buffer.committed" and "response.output_audio.delta" in kinds
+        assert ev["response"]["status"] == "completed"
     assert httpx.get(served[1] + "/health").json()["status"] == "ok"
 
 
