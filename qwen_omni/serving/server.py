@@ -187,7 +187,7 @@ def create_app(cfg: ServeConfig, load_backend: Callable[[], Any], on_load_error:
             else:
                 start, count = local_speech(req, *speaker(backend), backend.defaults)
             return await chat_audio(req, start, count, state.transcripts, completion_id(), model_name(),
-                                    lambda e: api_error(e, req))
+                                    lambda e: api_error(e, req), request)
         try:
             job = await backend.start(req)
         except Exception as e:  # noqa: BLE001 - mapped to a status

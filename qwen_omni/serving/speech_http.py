@@ -77,10 +77,12 @@ def remote_speech(req: ChatRequest, remote):
     return start, count
 
 
-async def chat_audio(req: ChatRequest, start, count_audio, store: TranscriptStore, cid: str, model: str, on_error):
+async def chat_audio(req: ChatRequest, start, count_audio, store: TranscriptStore, cid: str, model: str, on_error,
+                     request=None):
     """The response to a chat completion that asked for audio (JSON, or SSE with interleaved audio deltas).
 
-    start() -> SpeechJob begins the reply; count_audio(job) -> its audio tokens (see local_speech, remote_speech)."""
+    start() -> SpeechJob begins the reply; count_audio(job) -> its audio tokens (see local_speech, remote_speech).
+    `request`: the HTTP request, watched while a non-streaming reply is made (a client that leaves cancels it)."""
     from fastapi.responses import JSONResponse, StreamingResponse
 
     job = start()
@@ -120,6 +122,7 @@ async def chat_audio(req: ChatRequest, start, count_audio, store: TranscriptStor
     headers = {"x-qwen-omni-cached-tokens": "0"}
     if not req.stream:
         texts, chunks = [], []
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job)) if request is not None else None
         try:
             async for kind, value in events():
                 (texts if kind == "text" else chunks).append(value)
@@ -127,6 +130,8 @@ async def chat_audio(req: ChatRequest, start, count_audio, store: TranscriptStor
             raise on_error(e) from None
         finally:
             job.cancel()
+            if watcher is not None:
+                watcher.cancel()
         transcript = "".join(texts)
         store.put(audio_id, transcript, expires_at)
         data = await asyncio.to_thread(encode, concat(chunks), req.audio["format"])
@@ -160,6 +165,14 @@ async def chat_audio(req: ChatRequest, start, count_audio, store: TranscriptStor
             job.cancel()
     return StreamingResponse(sse(), media_type="text/event-stream",
                              headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _cancel_on_disconnect(request, job: SpeechJob, every: float = 0.5) -> None:
+    while not job.done:
+        if await request.is_disconnected():
+            job.cancel()
+            return
+        await asyncio.sleep(every)
 
 
 def parse_speech_request(body: Any) -> dict:
