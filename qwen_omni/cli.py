@@ -78,6 +78,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--engine-process", action="store_true",
                    help="run the model in a child process, so HTTP work and decode steps do not share a GIL "
                         "(serving/process_backend.py)")
+    p.add_argument("--max-audio-seconds", type=float, default=None,
+                   help="longest spoken reply (talker models; default: the talker's own budget)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is best on a busy shared machine)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -7,6 +7,7 @@ use `ignore_eos` and are closed after a few chunks.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -174,8 +176,12 @@ def test_bad_requests_get_openai_shaped_errors(server, client, model_dir):
         {"type": "text", "text": "look"},
         {"type": "image_url", "image_url": {"url": data_url("image/png", b"nope" * 9)}}]))
     assert status == 400 and body["message"].startswith("messages[0].content[1]: ")
-    status, body = error_of(lambda: ask(client, "hi", extra_body={"modalities": ["text", "audio"]}))
-    assert status == 400 and body["message"] == "audio output is not available for this model"
+    status, body = error_of(lambda: ask(client, "hi", extra_body={"modalities": ["text", "audio"],
+                                                                  "audio": {"voice": "nobody", "format": "wav"}}))
+    assert status == 400 and body["code"] == "unknown_voice" and "voices are default, female" in body["message"]
+    status, body = error_of(lambda: ask(client, "hi", extra_body={"modalities": ["text", "audio"],
+                                                                  "audio": {"format": "aiff"}}))
+    assert status == 400 and body["code"] == "unsupported_audio_format"
     status, body = error_of(lambda: client.chat.completions.create(model="gpt-4o", messages=[
         {"role": "user", "content": "hi"}]))
     assert status == 404 and body["code"] == "model_not_found"
@@ -297,8 +303,8 @@ def test_remote_backend_forwards_to_an_openai_compatible_peer(server, reference,
     assert stats["prompt_tokens"] > 30 and stats["completion_tokens"] >= 1
     with pytest.raises(RemoteUnsupportedError, match="not available for a remote backend"):
         remote.prepare(msgs)
-    with pytest.raises(RemoteUnsupportedError, match="spoken replies"):
-        remote.chat(msgs, speech=True)
+    text, audio = remote.chat(msgs, speech=True, max_new_tokens=10)  # the server's audio, passed through
+    assert text == expected and audio.dtype == np.float32 and audio.size > 0.3 * 24000
     assert remote.chat(msgs, max_new_tokens=10, speech=False, voice="default") == expected
     # the app's --backend openai
     settings = st.parse_settings(["--backend", "openai", "--base-url", server + "/v1"], {})
@@ -331,6 +337,24 @@ def test_remote_backend_forwards_to_an_openai_compatible_peer(server, reference,
         status, body = error_of(lambda: c.chat.completions.create(model=model_dir.name, messages=[
             {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "%%", "format": "wav"}}]}]))
         assert status == 400 and "invalid base64" in body["message"]
+        # spoken replies through two hops: modalities sent upstream, its pcm16 deltas passed through
+        assert c.models.list().data[0].model_extra["voices"][0] == "default"
+        events, pcm = [], b""
+        for ch in c.chat.completions.create(model=model_dir.name, max_tokens=30, temperature=0, stream=True,
+                                            modalities=["text", "audio"], audio={"voice": "male", "format": "pcm16"},
+                                            messages=[{"role": "user", "content": "hello"}]):
+            d = ch.choices[0].delta if ch.choices else None
+            if d is not None and d.audio is not None and d.audio.data:
+                events.append("audio")
+                pcm += base64.b64decode(d.audio.data)
+            elif d is not None and d.content:
+                events.append("text")
+        assert "audio" in events and events.index("audio") < len(events) - 1 - events[::-1].index("text")
+        assert len(pcm) > 0.3 * 24000 * 2
+        r = c.chat.completions.create(model=model_dir.name, max_tokens=10, temperature=0, messages=[
+            {"role": "user", "content": "hello"}], modalities=["text", "audio"], audio={"format": "mp3"})
+        assert r.choices[0].message.audio.transcript == r.choices[0].message.content
+        assert r.usage.completion_tokens_details.audio_tokens > 0
     finally:
         proc.terminate()
         proc.wait(20)

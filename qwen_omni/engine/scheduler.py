@@ -23,6 +23,9 @@ Design
 - Events go to a per-request `sink(kind, value)`, called on the scheduler thread: ("token", id), ("end", reason)
   with reason "stop" | "length" | "cancelled", or ("error", exception). The default sink is a queue that the
   `Generation` iterator reads; the server passes one that hands events to its event loop.
+- `exclusive()` pauses batching: the loop holds `model_lock` around each iteration's model work (admissions and
+  the decode step), so a caller holding it (a spoken reply, whose thinker hooks would record any other forward
+  pass) has the model to itself; batched rows wait between two steps and go on afterwards.
 """
 from __future__ import annotations
 
@@ -122,6 +125,7 @@ class BatchScheduler:
         self.prefill_groups = 0  # prefill passes run (a group of newcomers shares one)
         self._cv = threading.Condition()
         self._closed = False
+        self.model_lock = threading.RLock()  # held by the loop around its model work; see exclusive()
         self._thread = threading.Thread(target=self._loop, name="qwen-omni-scheduler", daemon=True)
         self._thread.start()
 
@@ -181,6 +185,10 @@ class BatchScheduler:
         with self._cv:
             return {"active": len(self.rows), "waiting": len(self.waiting), "free_slots": self.pool.free}
 
+    def exclusive(self) -> threading.RLock:
+        """`with scheduler.exclusive():` the model is the caller's alone (batching pauses between two steps)."""
+        return self.model_lock
+
     def wake(self) -> None:
         with self._cv:
             self._cv.notify()
@@ -203,18 +211,19 @@ class BatchScheduler:
                     for g in [g for g in self.waiting if g.cancelled]:
                         self.waiting.remove(g)
                         self._finish(g, "cancelled")
-                for row in reversed(range(len(self.rows))):  # high to low: removal moves the last row down
-                    if self.rows[row].cancelled:
-                        self._release(row, "cancelled")
-                admitted = 0
-                while self.pool.free and (admitted == 0 or not self.rows):
-                    group = self._next_group()
-                    if not group:
-                        break
-                    self._admit(group)
-                    admitted += len(group)
-                if self.rows:
-                    self._step()
+                with self.model_lock:
+                    for row in reversed(range(len(self.rows))):  # high to low: removal moves the last row down
+                        if self.rows[row].cancelled:
+                            self._release(row, "cancelled")
+                    admitted = 0
+                    while self.pool.free and (admitted == 0 or not self.rows):
+                        group = self._next_group()
+                        if not group:
+                            break
+                        self._admit(group)
+                        admitted += len(group)
+                    if self.rows:
+                        self._step()
         self._shutdown()
 
     def _next_group(self) -> list[Generation]:

@@ -12,7 +12,10 @@ Design
   decodes them, and its errors are renamed to the part they came from (`ChatRequest.name_error`).
 - Sampling fields: temperature, top_p, max_tokens / max_completion_tokens, seed, stop (string or up to 4), n=1,
   stream + stream_options.include_usage, and vLLM's extensions top_k, repetition_penalty, ignore_eos and
-  mm_processor_kwargs.use_audio_in_video. `modalities` containing "audio" is refused (no speech output yet).
+  mm_processor_kwargs.use_audio_in_video. `modalities: ["text", "audio"]` with `audio: {voice, format}` asks for a
+  spoken reply (`ChatRequest.audio`; the voice is checked against the model's by the server); an assistant message
+  that carries `audio: {"id": ...}` (an earlier spoken reply sent back) keeps the id in `audio_id`, and the
+  server puts that reply's transcript in its place.
 - `StopText` applies stop strings to streamed text: it holds back any tail that could still become a stop string,
   and trims the stop string itself.
 """
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from encoders import sources
+
+from .audio_out import FORMATS, canonical
 
 AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "oga", "opus", "m4a", "aac", "webm", "weba", "pcm16"}
 PART_KINDS = sources.OPENAI_PARTS
@@ -78,6 +83,8 @@ class ChatRequest:
     ignore_eos: bool = False
     use_audio_in_video: bool | None = None
     part_names: dict[tuple[str, int], str] = field(default_factory=dict)  # ("image", 1) -> "messages[0].content[1]"
+    modalities: list[str] | None = None  # as sent (None: not sent)
+    audio: dict | None = None  # {"voice": str | None, "format": str} when a spoken reply is asked for
 
     def sampling(self, defaults: dict | None = None) -> dict:
         """Keyword arguments for `chat` / `submit`; unset fields fall back to `defaults` then OpenAI's."""
@@ -120,10 +127,19 @@ def _message(m: Any, where: str, policy: MediaPolicy, counts: dict, names: dict)
     if role not in ("system", "user", "assistant"):
         raise bad(f"{where}.role", f"unsupported role {role!r}; use system, user or assistant")
     content = m.get("content")
+    audio_id = None
+    if role == "assistant" and m.get("audio") is not None:
+        a = m["audio"]
+        if not isinstance(a, dict) or not isinstance(a.get("id"), str) or not a["id"]:
+            raise bad(f"{where}.audio", "an assistant message's audio must be {\"id\": \"<id of an earlier reply>\"}")
+        audio_id = a["id"]
     if content is None and role == "assistant":
         content = ""
     if isinstance(content, str):
-        return {"role": role, "content": content}
+        out = {"role": role, "content": content}
+        if audio_id is not None:
+            out["audio_id"] = audio_id
+        return out
     if not isinstance(content, list):
         raise bad(f"{where}.content", "content must be a string or a list of content parts")
     parts = []
@@ -207,11 +223,11 @@ def _sampling(body: dict, req: ChatRequest) -> None:
 
     if body.get("modalities") is not None:
         mods = body["modalities"]
-        if not isinstance(mods, list) or not set(mods) <= {"text", "audio"}:
+        if not isinstance(mods, list) or not mods or not set(mods) <= {"text", "audio"}:
             raise APIError(400, "'modalities' must be a list of \"text\" and/or \"audio\"", param="modalities")
+        req.modalities = list(mods)
         if "audio" in mods:
-            raise APIError(400, "audio output is not available for this model", param="modalities",
-                           code="audio_output_unavailable")
+            req.audio = _audio_param(body.get("audio"))
     if num("n", 1, 1, int) not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n")
     if body.get("tools") or body.get("functions"):
@@ -238,6 +254,21 @@ def _sampling(body: dict, req: ChatRequest) -> None:
     uav = mm.get("use_audio_in_video") if isinstance(mm, dict) else None
     uav = body.get("use_audio_in_video", uav)
     req.use_audio_in_video = None if uav is None else bool(uav)
+
+
+def _audio_param(a: Any) -> dict:
+    if a is None:
+        a = {}
+    if not isinstance(a, dict):
+        raise APIError(400, "'audio' must be an object {\"voice\": ..., \"format\": ...}", param="audio")
+    fmt = a.get("format", "wav")
+    if not isinstance(fmt, str) or canonical(fmt) is None:
+        raise APIError(400, f"unsupported audio.format {fmt!r}; use one of {', '.join(FORMATS)}",
+                       param="audio.format", code="unsupported_audio_format")
+    voice = a.get("voice")
+    if voice is not None and not isinstance(voice, str):
+        raise APIError(400, "audio.voice must be a string", param="audio.voice")
+    return {"voice": voice, "format": canonical(fmt)}
 
 
 # ---------------------------------------------------------------------------------------------- stop strings
@@ -280,17 +311,26 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt: int, completion: int, cached: int | None = None) -> dict:
-    u = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int | None = None, audio_tokens: int | None = None) -> dict:
+    """OpenAI's usage object; with `audio_tokens` (a spoken reply) completion tokens are text + audio tokens and
+    `completion_tokens_details` splits them, as the OpenAI API reports audio output."""
+    total_completion = completion + (audio_tokens or 0)
+    u = {"prompt_tokens": prompt, "completion_tokens": total_completion, "total_tokens": prompt + total_completion}
     if cached is not None:
         u["prompt_tokens_details"] = {"cached_tokens": cached}
+    if audio_tokens is not None:
+        u["completion_tokens_details"] = {"text_tokens": completion, "audio_tokens": audio_tokens,
+                                          "reasoning_tokens": 0}
     return u
 
 
-def completion(cid: str, model: str, text: str, finish: str, use: dict, reasoning: str | None = None) -> dict:
+def completion(cid: str, model: str, text: str, finish: str, use: dict, reasoning: str | None = None,
+               audio: dict | None = None) -> dict:
     message = {"role": "assistant", "content": text}
     if reasoning is not None:  # vLLM's field for a thinking model's <think> part
         message["reasoning_content"] = reasoning
+    if audio is not None:
+        message["audio"] = audio
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}], "usage": use}
 

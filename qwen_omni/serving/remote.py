@@ -75,6 +75,7 @@ class RemoteAssistant:
         self.base_url = normalize_base_url(base_url)
         self.model = model
         self.context_window: int | None = None
+        self.voices: list[str] = []
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=connect_timeout))
 
@@ -98,6 +99,7 @@ class RemoteAssistant:
             raise RemoteError(f"the model server at {self.base_url} does not serve {self.model!r} "
                               f"(it serves {', '.join(m['id'] for m in models)})")
         self.model = chosen["id"]
+        self.voices = [v for v in chosen.get("voices") or [] if isinstance(v, str)]  # our servers list them
         self.context_window = chosen.get("max_model_len")
         return self
 
@@ -114,14 +116,19 @@ class RemoteAssistant:
              stream: bool = False, stats: dict | None = None, stop: list[str] | None = None,
              ignore_eos: bool = False, use_audio_in_video: bool | None = None, speech: bool = False,
              voice: str = "default", **options: Any) -> str | Iterator[str]:
-        """Like `Assistant.chat`; None for max_new_tokens / temperature / top_p leaves them to the server."""
-        if speech:
-            raise RemoteUnsupportedError("spoken replies are not available for a remote backend yet; "
-                                         "turn speech off (the server's text reply still streams)")
+        """Like `Assistant.chat`; None for max_new_tokens / temperature / top_p leaves them to the server.
+
+        `modalities` is always sent: ["text"], or with speech=True ["text", "audio"] and `audio: {voice, format:
+        "pcm16"}` (voice "default" leaves the choice to the server); the server's streamed `delta.audio` chunks
+        come out as float32 24 kHz arrays between the text pieces, as `Assistant.chat(speech=True)` yields them,
+        and `stats["audio_id"]` is the reply's audio id."""
         if options:
             raise InputError(f"unknown option(s) for a remote backend: {', '.join(sorted(options))}")
         body: dict[str, Any] = {"messages": to_openai_messages(messages), "stream": True,
-                                "stream_options": {"include_usage": True}}
+                                "stream_options": {"include_usage": True}, "modalities": ["text"]}
+        if speech:
+            body["modalities"] = ["text", "audio"]
+            body["audio"] = {"format": "pcm16", **({"voice": voice} if voice and voice != "default" else {})}
         for key, value in (("max_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
                            ("seed", seed)):
             if value is not None:
@@ -136,10 +143,17 @@ class RemoteAssistant:
             body["ignore_eos"] = True
         if use_audio_in_video is not None and _has_video(messages):
             body["mm_processor_kwargs"] = {"use_audio_in_video": bool(use_audio_in_video)}
-        pieces = self._stream(body, stats if stats is not None else {})
-        return pieces if stream else "".join(pieces)
+        pieces = self._stream(body, stats if stats is not None else {}, audio=speech)
+        if stream:
+            return pieces
+        if not speech:
+            return "".join(pieces)
+        parts = list(pieces)
+        audio = [p for p in parts if not isinstance(p, str)]
+        return ("".join(p for p in parts if isinstance(p, str)),
+                np.concatenate(audio) if audio else np.zeros(0, np.float32))
 
-    def _stream(self, body: dict, stats: dict) -> Iterator[str]:
+    def _stream(self, body: dict, stats: dict, audio: bool = False) -> Iterator[str | np.ndarray]:
         import httpx
 
         if self.model is None:
@@ -165,10 +179,21 @@ class RemoteAssistant:
                         u = event["usage"]
                         stats.update(prompt_tokens=u.get("prompt_tokens"), completion_tokens=u.get("completion_tokens"),
                                      reused_tokens=(u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+                        if (u.get("completion_tokens_details") or {}).get("audio_tokens") is not None:
+                            details = u["completion_tokens_details"]
+                            stats.update(audio_tokens=details["audio_tokens"],
+                                         completion_tokens=details.get("text_tokens", u.get("completion_tokens")))
                     for choice in event.get("choices") or []:
                         if choice.get("finish_reason"):
                             stats["finish_reason"] = choice["finish_reason"]
-                        piece = (choice.get("delta") or {}).get("content")
+                        delta = choice.get("delta") or {}
+                        spoken = delta.get("audio") if audio else None  # (never mixed into a text reply)
+                        if isinstance(spoken, dict):
+                            stats.setdefault("audio_id", spoken.get("id"))
+                            if spoken.get("data"):
+                                pcm = base64.b64decode(spoken["data"])
+                                yield np.frombuffer(pcm[:len(pcm) // 2 * 2], "<i2").astype(np.float32) / 32768
+                        piece = delta.get("content")
                         if piece:
                             if ttft is None:
                                 ttft = time.perf_counter() - t0

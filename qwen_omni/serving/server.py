@@ -1,7 +1,8 @@
 """`python -m qwen_omni serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batch scheduler.
 
-Endpoints: `POST /v1/chat/completions` (JSON or SSE streaming, `data: [DONE]` last), `GET /v1/models`,
-`GET /health` (200 when ready, 503 while loading; with the scheduler's load).
+Endpoints: `POST /v1/chat/completions` (JSON or SSE streaming, `data: [DONE]` last; spoken replies with
+`modalities: ["text", "audio"]`, speech_api.py), `POST /v1/audio/speech`, `WS /v1/realtime` (realtime.py),
+`GET /v1/models` (with the voices), `GET /health` (200 when ready, 503 while loading; with the scheduler's load).
 
 Design
 - The server answers at once and loads the model (or connects to the remote backend) in a background thread;
@@ -34,7 +35,10 @@ from .backends import Job, LocalBackend, RemoteBackend, api_error
 from .openai_api import APIError, ChatRequest, MediaPolicy, StopText, chunk, completion, completion_id, \
     parse_chat_request, usage
 from .process_backend import ProcessBackend
+from .realtime import install_realtime
 from .remote import RemoteAssistant, RemoteError
+from .speech_api import TranscriptStore, voices_of
+from .speech_http import chat_audio, local_speech, parse_speech_request, remote_speech, speech_response
 
 log = logging.getLogger("qwen_omni.serving.server")
 MB = 1 << 20
@@ -52,6 +56,7 @@ class State:
     def __init__(self):
         self.backend = None
         self.error: str | None = None
+        self.transcripts = TranscriptStore()  # audio id -> transcript of spoken replies (follow-up turns)
 
 
 def create_app(cfg: ServeConfig, load_backend: Callable[[], Any], on_load_error: Callable[[str], None] | None = None):
@@ -139,7 +144,33 @@ def create_app(cfg: ServeConfig, load_backend: Callable[[], Any], on_load_error:
         authorize(request)
         backend = ready()
         return {"object": "list", "data": [{"id": model_name(), "object": "model", "created": 0,
-                                            "owned_by": "qwen-omni", "max_model_len": backend.context_window}]}
+                                            "owned_by": "qwen-omni", "max_model_len": backend.context_window,
+                                            "voices": backend_voices(backend)}]}
+
+    def speaker(backend):
+        """(assistant, exclusive lock) of a backend that can speak here, or a 400 saying why not."""
+        if getattr(backend, "assistant", None) is None:
+            raise APIError(400, "audio output is not available with --engine-process (spoken replies run in the "
+                                "server process); start the server without it",
+                           param="modalities", code="audio_output_unavailable")
+        return backend.assistant, backend.scheduler.exclusive()
+
+    @app.post("/v1/audio/speech")
+    async def audio_speech(request: Request):
+        authorize(request)
+        backend = ready()
+        try:
+            body = json.loads(await read_body(request))
+        except ValueError as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        sp = parse_speech_request(body)
+        if sp["model"] and sp["model"] != model_name():
+            raise APIError(404, f"the model '{sp['model']}' does not exist; this server serves '{model_name()}'",
+                           "not_found_error", param="model", code="model_not_found")
+        assistant, exclusive = speaker(backend)
+        return await speech_response(sp, assistant, exclusive, api_error)
+
+    install_realtime(app, cfg, state, model_name)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -150,6 +181,14 @@ def create_app(cfg: ServeConfig, load_backend: Callable[[], Any], on_load_error:
         if req.model and req.model != model_name():
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name()}'",
                            "not_found_error", param="model", code="model_not_found")
+        req.messages = state.transcripts.resolve(req.messages)  # assistant `audio: {id}` -> its transcript
+        if req.audio is not None:
+            if backend.kind == "openai":  # the upstream speaks; its audio is passed through
+                start, count = remote_speech(req, backend.remote)
+            else:
+                start, count = local_speech(req, *speaker(backend), backend.defaults)
+            return await chat_audio(req, start, count, state.transcripts, completion_id(), model_name(),
+                                    lambda e: api_error(e, req), request)
         try:
             job = await backend.start(req)
         except Exception as e:  # noqa: BLE001 - mapped to a status
@@ -188,6 +227,12 @@ def parse(raw: bytes, policy: MediaPolicy) -> ChatRequest:
     except ValueError as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     return parse_chat_request(body, policy)
+
+
+def backend_voices(backend) -> list[str]:
+    if getattr(backend, "assistant", None) is not None:
+        return voices_of(backend.assistant)
+    return list(getattr(getattr(backend, "remote", None), "voices", []))
 
 
 def job_usage(job: Job) -> dict:
@@ -287,6 +332,7 @@ def backend_loader(args) -> Callable[[], Any]:
         if args.threads:
             torch.set_num_threads(args.threads)
         assistant = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        assistant.speech.max_audio_seconds = getattr(args, "max_audio_seconds", None)
         return LocalBackend(assistant, args.max_batch, args.max_queue, args.max_model_len, args.prefix_cache_size)
     return load_local
 
