@@ -37,6 +37,7 @@ if os.environ.get("SPACE_ID") or os.environ.get("SYSTEM") == "spaces":
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -45,10 +46,15 @@ from qwen_omni import QwenOmniError  # noqa: E402
 from qwen_omni.speech.offline_voice import join_wav  # noqa: E402
 from qwen_omni.webapp import session as cs  # noqa: E402
 from qwen_omni.webapp import settings as st  # noqa: E402
+from qwen_omni.webapp import talk as tk  # noqa: E402
+from qwen_omni.speech.vad import Endpointer  # noqa: E402
 
 SPACE_MODEL: str | None = None  # the checkpoint when neither --model nor QWEN_OMNI_MODEL names one (set by `space`)
 
 STREAM_AUDIO = shutil.which("ffmpeg") is not None  # Gradio encodes a streamed player's chunks with ffmpeg
+TALK_DIR = Path(tempfile.gettempdir()) / "qwen-omni-talk"  # utterances, webcam frames, spoken replies (served)
+PAUSE_TALK_PLAYER = "() => document.querySelectorAll('#qo-talk-player audio').forEach(a => a.pause())"
+TALK_CHUNK = 0.25  # s of microphone audio per streamed chunk
 CSS = "#qo-actions button {min-width: fit-content !important}  /* no clipped labels on a phone */"
 
 
@@ -102,6 +108,34 @@ def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
         sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, av, bool(speak), voice)
         yield from ((h, a) for h, _, a in stream(regenerate_steps(sampling, history, system)))
 
+    def hear(chunk, talk, frame):
+        """One microphone chunk (every TALK_CHUNK s): voice activity, end of turn, barge-in; the state line."""
+        if talk is None:
+            talk = tk.TalkSession(Endpointer(), TALK_DIR)
+        if frame is not None:
+            talk.see(frame)
+        actions = talk.hear(*chunk) if chunk is not None else []
+        state = talk.state + (" · interrupted" if "barge_in" in actions else "")
+        return talk, state, (talk.turns_detected if "turn" in actions else gr.skip())
+
+    def talk_reply(talk, history, system, temperature, top_p, top_k, max_new, seed, voice):
+        if talk is None:
+            return
+        sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, True, bool(voices), voice)
+        held = []
+        for h, audio in talk.answer(assistant, history, system, sampling, settings.max_new_tokens):
+            if audio is not None and not STREAM_AUDIO:
+                held.append(audio)
+                audio = None
+            yield h, (audio if audio is not None else gr.skip())
+        if held:
+            yield gr.skip(), join_wav(held)
+
+    def talk_stop_now(talk):
+        if talk is not None:
+            talk.stop()
+        return "listening · stopped" if talk is not None else "off"
+
     def undo(history):
         history, message = cs.undo(history)
         return history, (message if message is not None else gr.skip())
@@ -114,21 +148,38 @@ def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
                     elem_id="qo-chat", label="Chat", height="58vh", buttons=["copy"],
                     placeholder="Attach an image, audio clip or video (paperclip or microphone) and ask about it, "
                                 "or just type.")
-                textbox = gr.MultimodalTextbox(
-                    elem_id="qo-input", sources=["upload", "microphone"], file_types=["image", "audio", "video"],
-                    file_count="multiple", placeholder="Ask something…", label="Message", show_label=False,
-                    autofocus=True)
-                with gr.Row(elem_id="qo-actions"):
-                    # min_width=0 keeps the four on one line on a phone instead of stacking them
-                    regen_btn = gr.Button("Regenerate", size="sm", min_width=0)
-                    undo_btn = gr.Button("Undo", size="sm", min_width=0)
-                    stop_btn = gr.Button("Stop", size="sm", variant="stop", min_width=0)
-                    clear_btn = gr.Button("Clear", size="sm", min_width=0)
-                with gr.Accordion("Camera", open=False):
-                    gr.Markdown("A photo or clip taken here is attached to your next message.")
-                    with gr.Row():
-                        cam_image = gr.Image(sources=["webcam"], type="filepath", label="Photo")
-                        cam_video = gr.Video(sources=["webcam"], label="Clip")
+                with gr.Tabs():
+                    with gr.Tab("Type", elem_id="qo-type-tab"):
+                        textbox = gr.MultimodalTextbox(
+                            elem_id="qo-input", sources=["upload", "microphone"], file_types=["image", "audio", "video"],
+                            file_count="multiple", placeholder="Ask something…", label="Message", show_label=False,
+                            autofocus=True)
+                        with gr.Row(elem_id="qo-actions"):
+                            # min_width=0 keeps the four on one line on a phone instead of stacking them
+                            regen_btn = gr.Button("Regenerate", size="sm", min_width=0)
+                            undo_btn = gr.Button("Undo", size="sm", min_width=0)
+                            stop_btn = gr.Button("Stop", size="sm", variant="stop", min_width=0)
+                            clear_btn = gr.Button("Clear", size="sm", min_width=0)
+                        with gr.Accordion("Camera", open=False):
+                            gr.Markdown("A photo or clip taken here is attached to your next message.")
+                            with gr.Row():
+                                cam_image = gr.Image(sources=["webcam"], type="filepath", label="Photo")
+                                cam_video = gr.Video(sources=["webcam"], label="Clip")
+                    with gr.Tab("Talk", elem_id="qo-talk-tab"):
+                        gr.Markdown("Start the microphone and just talk: a pause ends your turn, and speaking over "
+                                    "the reply interrupts it. With the camera on, its picture at the end of each "
+                                    "question goes along.")
+                        with gr.Row():
+                            talk_state = gr.Textbox("off", label="State", interactive=False, elem_id="qo-talk-state",
+                                                    min_width=0, scale=3)
+                            talk_stop = gr.Button("Stop", variant="stop", elem_id="qo-talk-stop", min_width=0, scale=1)
+                        mic = gr.Audio(sources=["microphone"], streaming=True, type="numpy", label="Microphone",
+                                       elem_id="qo-mic")
+                        talk_player = gr.Audio(label="Reply", streaming=STREAM_AUDIO, autoplay=True, interactive=False,
+                                               elem_id="qo-talk-player")
+                        with gr.Accordion("Camera", open=False):
+                            talk_cam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Camera",
+                                                elem_id="qo-talk-cam")
                 examples = cs.find_examples()
                 if examples:
                     gr.Examples([[e] for e in examples], inputs=[textbox], label="Examples")
@@ -163,6 +214,19 @@ def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
         clear_btn.click(lambda: ([], None), None, [chatbot, textbox], cancels=running, queue=False,
                         api_name="clear")
         chatbot.clear(None, cancels=running, queue=False, api_name=False)  # the chat's own trash icon
+
+        # Talk mode: the microphone's chunks are heard outside the model's queue (cheap, and barge-in must be heard
+        # while a reply runs); a detected turn bumps `talk_turn`, whose change runs the spoken reply.
+        talk, frame, talk_turn = gr.State(None), gr.State(None), gr.State(0)
+        mic.stream(hear, [mic, talk, frame], [talk, talk_state, talk_turn], stream_every=TALK_CHUNK,
+                   concurrency_limit=None, show_progress="hidden", api_visibility="private")
+        talk_cam.stream(lambda f: f, [talk_cam], [frame], stream_every=0.5, concurrency_limit=None,
+                        show_progress="hidden", api_visibility="private")
+        talk_evt = talk_turn.change(talk_reply, [talk, chatbot, system, temperature, top_p, top_k, max_new, seed, voice],
+                                    [chatbot, talk_player], show_progress="hidden", api_visibility="private")
+        talk_state.change(None, [talk_state], None, js="(s) => { if (s.includes('interrupted') || s.includes('stopped'))"
+                          " " + PAUSE_TALK_PLAYER + "(); }")
+        talk_stop.click(talk_stop_now, [talk], [talk_state], cancels=[talk_evt], queue=False, api_visibility="private")
     return demo
 
 
