@@ -143,6 +143,60 @@ def test_barge_in_cancels_the_reply(endpointer, tmp_path):
 
 # ------------------------------------------------------------------------------------------ browser
 
+# A microphone the test (or bench/talk_browser.py) speaks into at a moment of its choosing: getUserMedia returns a
+# Web Audio stream that is silent until `__talk.say(base64 WAV, seconds to the end of speech)`, which records on
+# the page's clock when that speech ends (`ends`); `plays` records every `playing` of the Talk tab's player.
+FAKE_MIC = """
+(() => {
+  const T = window.__talk = {ends: [], plays: []};
+  document.addEventListener('playing', e => {
+    if (e.target.closest && e.target.closest('#qo-talk-player')) T.plays.push(performance.now());
+  }, true);
+  const original = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+  navigator.mediaDevices.getUserMedia = async (c) => {
+    if (!c || !c.audio || c.video) return original(c);
+    const ctx = T.ctx = new AudioContext({sampleRate: 48000});
+    await ctx.resume();
+    const dest = ctx.createMediaStreamDestination();
+    dest.channelCount = 1;
+    const hum = ctx.createConstantSource();  // keeps the track producing (silent) frames between questions
+    hum.offset.value = 0;
+    hum.connect(dest);
+    hum.start();
+    const [track] = dest.stream.getAudioTracks();
+    const settings = track.getSettings.bind(track);  // Gradio's WAV recorder needs both, a Web Audio track lacks them
+    track.getSettings = () => ({...settings(), channelCount: 1, sampleRate: ctx.sampleRate});
+    T.say = async (b64, speechEnd) => {
+      const bytes = Uint8Array.from(atob(b64), ch => ch.charCodeAt(0));
+      const buf = await ctx.decodeAudioData(bytes.buffer);
+      const src = ctx.createBufferSource();
+      src.buffer = buf;
+      src.connect(dest);
+      const lead = 0.05;
+      src.start(ctx.currentTime + lead);
+      T.ends.push(performance.now() + (lead + speechEnd) * 1000);
+    };
+    return dest.stream;
+  };
+})();
+"""
+
+
+def question_b64(text: str = QUESTION) -> tuple[str, float]:
+    """(base64 WAV of the spoken question, seconds to its last audible sample)."""
+    import base64
+
+    speech = spoken(text, before=0.0, after=0.0)
+    end = (np.flatnonzero(np.abs(speech) > 0.01)[-1] + 1) / SAMPLE_RATE
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes((np.clip(speech, -1, 1) * 32767).astype(np.int16).tobytes())
+    return base64.b64encode(out.getvalue()).decode(), float(end)
+
+
 @pytest.fixture(scope="module")
 def app_server():
     import app
@@ -155,12 +209,15 @@ def app_server():
     demo.close()
 
 
-def open_talk(p, url, wav: Path, width=1280):
+def open_talk(p, url, wav: Path | None, width=1280, init_script: str | None = None):
+    """Chromium on the app's Talk tab; its fake microphone loops `wav` (Chromium's own fake capture)."""
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
-            "--autoplay-policy=no-user-gesture-required"]
+            "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required",
+            *([f"--use-file-for-fake-audio-capture={wav}"] if wav else [])]
     browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
     page = browser.new_page(viewport={"width": width, "height": 900})
+    if init_script:
+        page.add_init_script(init_script)
     page.goto(url)
     page.get_by_role("tab", name="Talk").click()
     return browser, page
@@ -234,5 +291,71 @@ def test_browser_talks_hands_free(app_server, tmp_path):
                 assert seconds > 0.3 and rms > 1e-3, (i, seconds, rms)
             assert "reused)" in texts[1]  # the second turn re-sent the conversation: its prefix came from cache
             print("talk screenshots:", shots)
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def talker_server(tmp_path_factory):
+    """The app on a tiny full Qwen3-Omni checkpoint (tests/tiny_speech.py): its random talker never says EOS, so
+    every spoken reply runs to --max-audio-seconds, long enough to be talked over."""
+    import app
+    from tests.tiny_speech import make_qwen3_full
+
+    ckpt = tmp_path_factory.mktemp("tiny-omni-talker")
+    make_qwen3_full(ckpt, seed=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = app.main(["--model", str(ckpt), "--port", str(port), "--max-new-tokens", "16",
+                     "--max-audio-seconds", "14"], block=False)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@NEEDS_ESPEAK
+@NEEDS_BROWSER
+def test_browser_barge_in_stops_the_reply(talker_server, tmp_path):
+    """A question, then the same question injected once the 14 s reply is audibly playing: the player stops, the
+    state says so, and the reply is marked interrupted in the chat. The microphone here is a Web Audio stream
+    (FAKE_MIC), so the second question starts when the reply plays, however slow the machine is."""
+    from playwright.sync_api import sync_playwright
+
+    wav_b64, speech_end = question_b64()
+    with sync_playwright() as p:
+        browser, page = open_talk(p, talker_server, None, init_script=FAKE_MIC)
+        try:
+            state = page.locator("#qo-talk-state textarea")
+            page.locator("#qo-mic button", has_text="Record").click()
+            player = page.locator("#qo-talk-player audio")
+
+            def wait(cond, what, timeout=60):
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    if cond():
+                        return
+                    time.sleep(0.05)
+                raise AssertionError(f"timed out waiting for {what}; state {state.input_value()!r}")
+
+            def positions():
+                return player.evaluate_all("as => as.map(a => [a.currentTime, a.paused])")
+
+            wait(lambda: "listening" in state.input_value(), "listening")
+            page.evaluate("([b, e]) => window.__talk.say(b, e)", [wav_b64, speech_end])
+            wait(lambda: any(t > 0.5 and not paused for t, paused in positions()), "the reply to play")
+            page.screenshot(path=str(tmp_path / "speaking.png"))
+            page.evaluate("([b, e]) => window.__talk.say(b, e)", [wav_b64, speech_end])  # talk over it
+            wait(lambda: "interrupted" in state.input_value() or all(p for _, p in positions()), "barge-in", 20)
+            page.screenshot(path=str(tmp_path / "barge-in.png"))
+            time.sleep(0.3)
+            first = positions()
+            time.sleep(0.7)
+            later = positions()
+            # paused, well before its 14 s end, and not moving on
+            assert all(paused for _, paused in later) and all(t < 12 for t, _ in later), (first, later)
+            assert [t for t, _ in first] == [t for t, _ in later], (first, later)
+            page.locator('#qo-chat [data-testid="bot"]').filter(has_text="interrupted").first.wait_for(timeout=20000)
+            # the utterance that interrupted becomes the next turn
+            wait(lambda: page.locator('#qo-chat [data-testid="user"] audio').count() == 2, "the next turn", 30)
         finally:
             browser.close()

@@ -40,11 +40,11 @@ from ..errors import QwenOmniError
 from ..speech.offline_voice import SAMPLE_RATE, wav_bytes
 from ..speech.vad import RATE as VAD_RATE
 from ..speech.vad import Endpointer
-from .session import GENERIC_ERROR, Sampling, error_message, history_to_messages, stats_line
+from .session import GENERIC_ERROR, audio_message, Sampling, error_message, history_to_messages, stats_line
 
 log = logging.getLogger("qwen_omni.app")
 
-PLAYBACK_SLACK = 1.0  # s the browser's player may lag behind the server's first audio chunk
+PLAYBACK_SLACK = 3.0  # s the browser's player may lag behind the server's first audio chunk (HLS segments, a busy CPU)
 STATES = ("listening", "hearing", "thinking", "speaking")
 INTERRUPTED = "interrupted"
 
@@ -82,6 +82,7 @@ class TalkSession:
         self._speaking_until = 0.0
         self._first_audio_at: float | None = None
         self._frame: np.ndarray | None = None
+        self._cut_playback = False
         self.barge_ins = 0
         self.turns_detected = 0
 
@@ -96,6 +97,7 @@ class TalkSession:
             actions = []
             for ev in events:
                 if ev.kind == "speech_started" and self._busy(now):
+                    self._cut_playback = self._answering is None  # all generated, but not all heard
                     self._generation += 1
                     self.barge_ins += 1
                     self._speaking_until = 0.0
@@ -170,6 +172,9 @@ class TalkSession:
         with self._lock:
             generation = self._generation
             self._answering, self._first_audio_at = turn.id, None
+            cut, self._cut_playback = self._cut_playback, False
+        if cut:
+            history = mark_interrupted(history)
         user = {"role": "user", "content": [{"path": turn.audio}, *([{"path": turn.frame}] if turn.frame else [])]}
         history = [*history, user]
         stats: dict = {}
@@ -221,16 +226,30 @@ class TalkSession:
         out = list(history)
         stats = dict(stats)
         if chunks:
-            audio = np.concatenate(chunks)
-            path = self.folder / f"reply-{uuid.uuid4().hex[:8]}-{turn.id}.wav"
-            path.write_bytes(wav_bytes(audio, SAMPLE_RATE))
-            stats["audio_seconds"] = audio.size / SAMPLE_RATE
+            stats["audio_seconds"] = sum(c.size for c in chunks) / SAMPLE_RATE
         line = talk_stats_line(stats, interrupted)
         if text or chunks:
             out.append({"role": "assistant", "content": f"{text}\n\n{line}"})
         if chunks:
-            out.append({"role": "assistant", "content": {"path": str(path)}})
+            out.append(audio_message(chunks, f"reply-{turn.id}"))
         return out
+
+
+def mark_interrupted(history: list[dict]) -> list[dict]:
+    """The history with its last spoken reply's stats line saying "interrupted" (its playback was cut short)."""
+    out = list(history)
+    for i in range(len(out) - 1, -1, -1):
+        m = out[i]
+        if m.get("role") == "user":
+            break
+        content = m.get("content")
+        if isinstance(content, list):  # the browser's shape: [{"type": "text", "text": ...}]
+            content = "".join(c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text")
+        if m.get("role") == "assistant" and isinstance(content, str) and content.endswith("</sub>"):
+            if INTERRUPTED not in content:
+                out[i] = {**m, "content": content[:-len("</sub>")] + f" · {INTERRUPTED}</sub>"}
+            break
+    return out
 
 
 def talk_stats_line(stats: dict, interrupted: bool = False) -> str:
