@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-CHROMIUM = "/usr/bin/chromium"
 
 def cpu_line() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -46,7 +45,7 @@ def main() -> None:
     import app
     from playwright.sync_api import sync_playwright
 
-    from tests.test_talk import FAKE_MIC, question_b64
+    from tests.test_talk import FAKE_MIC, open_talk, question_b64, start_mic
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,14 +56,8 @@ def main() -> None:
     lat, server = [], []
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.add_init_script(FAKE_MIC)
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.get_by_role("tab", name="Talk").click()
-            page.locator("#qo-mic button", has_text="Record").click()
+            browser, page = open_talk(p, f"http://127.0.0.1:{port}/", None, init_script=FAKE_MIC)
+            start_mic(page)
             state = page.locator("#qo-talk-state textarea")
             deadline = time.monotonic() + 30
             while "listening" not in state.input_value() and time.monotonic() < deadline:
@@ -94,7 +87,8 @@ def main() -> None:
             browser.close()
     finally:
         demo.close()
-    print(f"\n{cpu_line()}; torch threads {__import__('torch').get_num_threads()}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n{cpu_line()}; torch threads {__import__('torch').get_num_threads()}; load average {load}")
     print(f"end of speech -> first reply audio in the browser, median of {len(lat)} turns: "
           f"{statistics.median(lat):.2f} s (min {min(lat):.2f}, max {max(lat):.2f}); "
           f"server-side median {statistics.median(server):.2f} s; target <= 1.5 s")

@@ -223,6 +223,22 @@ def open_talk(p, url, wav: Path | None, width=1280, init_script: str | None = No
     return browser, page
 
 
+def start_mic(page, tries: int = 3) -> None:
+    """Press Record and wait for the first chunk to be heard (the state leaves "off"). Gradio's recorder now and
+    then starts without sending chunks when getUserMedia resolves late (seen with FAKE_MIC): stop and retry."""
+    state = page.locator("#qo-talk-state textarea")
+    for _ in range(tries):
+        page.locator("#qo-mic button", has_text="Record").click()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if state.input_value() != "off":
+                return
+            time.sleep(0.1)
+        page.locator("#qo-mic button", has_text="Stop").click()
+        time.sleep(0.5)
+    raise AssertionError("the microphone never streamed")
+
+
 def decode_audio(data: bytes) -> tuple[float, float]:
     """(seconds, RMS) of an audio file."""
     import av
@@ -262,7 +278,7 @@ def test_browser_talks_hands_free(app_server, tmp_path):
         try:
             state = page.locator("#qo-talk-state textarea")
             page.screenshot(path=str(shots / "off.png"))
-            page.locator("#qo-mic button", has_text="Record").click()
+            start_mic(page)
             bots = page.locator('#qo-chat [data-testid="bot"]')
             seen, played, deadline = [], 0.0, time.monotonic() + 45
             while time.monotonic() < deadline:
@@ -290,6 +306,16 @@ def test_browser_talks_hands_free(app_server, tmp_path):
                 seconds, rms = decode_audio(audio_bytes(replies.nth(i)))
                 assert seconds > 0.3 and rms > 1e-3, (i, seconds, rms)
             assert "reused)" in texts[1]  # the second turn re-sent the conversation: its prefix came from cache
+
+            phone = browser.new_page(viewport={"width": 390, "height": 844})  # the Talk tab fits a phone
+            phone.goto(app_server)
+            phone.get_by_role("tab", name="Talk").click()
+            for sel in ("#qo-talk-state", "#qo-talk-stop", "#qo-mic", "#qo-talk-player"):
+                el = phone.locator(sel)
+                el.wait_for(state="visible", timeout=5000)
+                b = el.bounding_box()
+                assert b and b["x"] >= 0 and b["x"] + b["width"] <= 390, (sel, b)
+            phone.screenshot(path=str(shots.parent / "talk-phone.png"), full_page=True)
             print("talk screenshots:", shots)
         finally:
             browser.close()
@@ -326,7 +352,7 @@ def test_browser_barge_in_stops_the_reply(talker_server, tmp_path):
         browser, page = open_talk(p, talker_server, None, init_script=FAKE_MIC)
         try:
             state = page.locator("#qo-talk-state textarea")
-            page.locator("#qo-mic button", has_text="Record").click()
+            start_mic(page)
             player = page.locator("#qo-talk-player audio")
 
             def wait(cond, what, timeout=60):
