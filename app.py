@@ -143,17 +143,20 @@ def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
         return talk, state, (talk.turns_detected if "turn" in actions else gr.skip())
 
     def talk_reply(talk, history, system, temperature, top_p, top_k, max_new, seed, voice):
+        """Answer the turn `hear` detected, spoken into the Talk player; the state line follows it at once."""
         if talk is None:
             return
         sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, True, bool(voices), voice)
-        held = []
+        held, shown = [], None
         for h, audio in talk.answer(assistant, history, system, sampling, settings.max_new_tokens):
+            state = "thinking" if shown is None else ("speaking" if audio is not None else shown)
             if audio is not None and not STREAM_AUDIO:
                 held.append(audio)
                 audio = None
-            yield h, (audio if audio is not None else gr.skip())
+            yield h, (audio if audio is not None else gr.skip()), (state if state != shown else gr.skip())
+            shown = state
         if held:
-            yield gr.skip(), join_wav(held)
+            yield gr.skip(), join_wav(held), gr.skip()
 
     def talk_stop_now(talk):
         if talk is not None:
@@ -239,7 +242,7 @@ def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
         talk_cam.stream(lambda f: f, [talk_cam], [frame], stream_every=0.5, concurrency_limit=None,
                         show_progress="hidden", api_visibility="private")
         talk_evt = talk_turn.change(talk_reply, [talk, chatbot, system, temperature, top_p, top_k, max_new, seed, voice],
-                                    [chatbot, talk_player], **model)
+                                    [chatbot, talk_player, talk_state], **model)
         talk_state.change(None, [talk_state], None, js="(s) => { if (s.includes('interrupted') || s.includes('stopped')) "
                           "(" + PAUSE_TALK_PLAYER + ")(); }")
 

@@ -92,6 +92,21 @@ def test_undo_and_split():
     assert cs.undo([]) == ([], None)
 
 
+def test_edit_and_api_history():
+    hist = [{"role": "user", "content": [{"path": "/x/a.png"}, "what colour?"]}, {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "and now?"}, {"role": "assistant", "content": {"path": "/x/reply.wav"}}]
+    # an edited user message keeps its files, takes the new text and drops everything after it
+    assert cs.edit(hist, 0, "what shape?") == [{"role": "user", "content": [{"path": "/x/a.png"}, "what shape?"]}]
+    assert cs.edit(hist, 2, "") == [*hist[:2], {"role": "user", "content": []}]
+    api = cs.api_history(hist)
+    assert api[0]["content"] == [{"type": "file", "file": {"path": "/x/a.png"}}, {"type": "text", "text": "what colour?"}]
+    assert api[3]["content"] == [{"type": "file", "file": {"path": "/x/reply.wav"}}] and api[3]["metadata"] is None
+    # what gradio_client hands back (file parts as bare paths) reads as the same conversation
+    back = [{**m, "content": [{**c, "file": c["file"]["path"]} if c["type"] == "file" else c for c in m["content"]]}
+            for m in api]
+    assert cs.history_to_messages(back) == cs.history_to_messages(hist)
+
+
 def test_validate_upload(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "e.wav").write_bytes(b"")
