@@ -92,6 +92,21 @@ def test_undo_and_split():
     assert cs.undo([]) == ([], None)
 
 
+def test_edit_and_api_history():
+    hist = [{"role": "user", "content": [{"path": "/x/a.png"}, "what colour?"]}, {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "and now?"}, {"role": "assistant", "content": {"path": "/x/reply.wav"}}]
+    # an edited user message keeps its files, takes the new text and drops everything after it
+    assert cs.edit(hist, 0, "what shape?") == [{"role": "user", "content": [{"path": "/x/a.png"}, "what shape?"]}]
+    assert cs.edit(hist, 2, "") == [*hist[:2], {"role": "user", "content": []}]
+    api = cs.api_history(hist)
+    assert api[0]["content"] == [{"type": "file", "file": {"path": "/x/a.png"}}, {"type": "text", "text": "what colour?"}]
+    assert api[3]["content"] == [{"type": "file", "file": {"path": "/x/reply.wav"}}] and api[3]["metadata"] is None
+    # what gradio_client hands back (file parts as bare paths) reads as the same conversation
+    back = [{**m, "content": [{**c, "file": c["file"]["path"]} if c["type"] == "file" else c for c in m["content"]]}
+            for m in api]
+    assert cs.history_to_messages(back) == cs.history_to_messages(hist)
+
+
 def test_validate_upload(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "e.wav").write_bytes(b"")
@@ -203,10 +218,11 @@ def ask(client, text, history=(), files=(), max_new=MAX_NEW, audio_in_video=True
     from gradio_client import handle_file
 
     msg = {"text": text, "files": [handle_file(str(f)) for f in files]}
-    # The client hands back file parts of the history as bare paths; to send them again they must be wrapped.
+    # The client hands back file parts of the history as local paths; to send them again they must be wrapped.
     history = [{**m, "content": [{**c, "file": handle_file(c["file"])} if c.get("type") == "file" else c
                                  for c in m["content"]]} for m in history]
-    return client.submit(msg, None, None, history, "", 0.0, 1.0, 0, max_new, 0, audio_in_video, api_name="/chat")
+    return client.submit(msg, history, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=max_new, seed=0,
+                         use_audio_in_video=audio_in_video, api_name="/chat")
 
 
 def last_text(history) -> str:
@@ -236,12 +252,12 @@ def example(name: str, question_start: str) -> dict:
 
 def test_text_turns_stream_and_reuse(client):
     job = ask(client, "hi, what can you do?")
-    history = job.result(timeout=60)[0]
-    texts = [last_text(o[0]) for o in job.outputs() if o[0] and o[0][-1]["role"] == "assistant"]
+    history = job.result(timeout=60)
+    texts = [last_text(o) for o in job.outputs() if o and o[-1]["role"] == "assistant"]
     assert len(texts) >= 3 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # grew piece by piece
     assert "tokens/s" in texts[-1] and "first token" in texts[-1] and "media encode" not in texts[-1]
     assert "picture" in answer_of(history) or "shape" in answer_of(history)  # it describes what it can do
-    history = ask(client, "who are you?", history).result(timeout=60)[0]
+    history = ask(client, "who are you?", history).result(timeout=60)
     assert [m["role"] for m in history] == ["user", "assistant"] * 2
     assert "reused)" in last_text(history)  # the first turn's KV state was reused by the library
 
@@ -255,7 +271,7 @@ def test_media_questions_on_the_examples(client, name, question):
 
     ex = example(name, question)
     history = ask(client, ex["text"], files=[EXAMPLES / name],
-                  audio_in_video=bool(ex.get("use_audio_in_video"))).result(timeout=60)[0]
+                  audio_in_video=bool(ex.get("use_audio_in_video"))).result(timeout=60)
     assert history[-1]["role"] == "assistant" and not history[-1].get("metadata"), last_text(history)
     assert "media encode" in last_text(history)
     # An answer of the asked kind (how often it is the right one is the eval's business: tests/test_train.py).
@@ -265,9 +281,9 @@ def test_media_questions_on_the_examples(client, name, question):
 
 def test_follow_up_reuses_the_image(client):
     ex = example("shapes.png", "What colour")
-    history = ask(client, ex["text"], files=[EXAMPLES / "shapes.png"]).result(timeout=60)[0]
+    history = ask(client, ex["text"], files=[EXAMPLES / "shapes.png"]).result(timeout=60)
     first = last_text(history)
-    history = ask(client, "and what shape is it?", history).result(timeout=60)[0]
+    history = ask(client, "and what shape is it?", history).result(timeout=60)
     follow = last_text(history)
     assert not history[-1].get("metadata") and answer_of(history)
     assert "reused)" in follow and "media encode" not in follow, (first, follow)  # the image was not re-encoded
@@ -277,14 +293,14 @@ def test_follow_up_reuses_the_image(client):
 
 def test_bad_requests_show_errors_then_recover(client, server, tmp_path):
     window = server["assistant"].context_window
-    history = ask(client, "hello world " * (window // 2 + 50), max_new=4).result(timeout=60)[0]
+    history = ask(client, "hello world " * (window // 2 + 50), max_new=4).result(timeout=60)
     assert history[-1]["metadata"]["title"] == cs.ERROR_TITLE and "context window" in last_text(history)
     corrupt = tmp_path / "photo.png"
     corrupt.write_bytes(os.urandom(300))
-    history = ask(client, "what is in the picture?", history, files=[corrupt]).result(timeout=30)[0]
+    history = ask(client, "what is in the picture?", history, files=[corrupt]).result(timeout=30)
     assert history[-1]["metadata"]["title"] == cs.ERROR_TITLE and len(last_text(history)) > 10
     assert "Traceback" not in str(history)
-    history = ask(client, "hi", history, max_new=8).result(timeout=30)[0]
+    history = ask(client, "hi", history, max_new=8).result(timeout=30)
     assert history[-1]["role"] == "assistant" and not history[-1]["metadata"] and "tokens/s" in last_text(history)
     assert len(history) == 6
 
@@ -309,7 +325,7 @@ def test_stop_mid_stream_and_queue_position(client, server):
             time.sleep(0.02)
         assert seen_rank == 0
         long.cancel()
-        history = waiting.result(timeout=30)[0]  # runs at once: the cancelled stream released the model
+        history = waiting.result(timeout=30)  # runs at once: the cancelled stream released the model
         assert "tokens/s" in last_text(history)
         time.sleep(0.3)
         # a Stop that did not stop would have decoded all MAX_NEW tokens before the queued turn could start
@@ -424,31 +440,34 @@ def decode_audio(data: bytes) -> tuple[float, float]:
     return pcm.size / rate, float(np.sqrt((pcm ** 2).mean())) if pcm.size else 0.0
 
 
-@NEEDS_FFMPEG
-def test_spoken_reply_through_the_api(speech_server):
-    """Companion to the browser test, through gradio_client: the player's value is an HLS playlist that grows while
-    the reply is written (the first segment arrives before the reply's stats footer) and ends > 0.3 s long."""
-    import re
+def test_public_api_is_chat_only(client):
+    """/chat (message, history) is the one public endpoint: no /undo, /clear or UI-only events."""
+    api = client.view_api(return_format="dict", print_info=False)
+    assert list(api["named_endpoints"]) == ["/chat"] and not api["unnamed_endpoints"]
+    params = api["named_endpoints"]["/chat"]["parameters"]
+    assert [p["parameter_name"] for p in params[:2]] == ["message", "history"]
+    assert all(p["parameter_has_default"] for p in params[2:])
+    job = client.submit({"text": "hi, what can you do?", "files": []}, [], api_name="/chat")  # nothing else given
+    history = job.result(timeout=60)
+    assert [m["role"] for m in history] == ["user", "assistant"] and "tokens/s" in last_text(history)
+    assert len(job.outputs()) >= 3  # streamed
 
+
+def test_spoken_reply_through_the_api(speech_server):
+    """Through gradio_client: a spoken reply ends with its audio as a file message (> 0.3 s, not silent), and
+    the stats name the first audio and the real-time factor."""
     from gradio_client import Client
 
     client = Client(speech_server["url"], verbose=False)
-    job = client.submit({"text": SPEECH_QUESTION, "files": []}, None, None, [], "", 0.0, 1.0, 0, 24, 0, True, True,
-                        "Aiden", api_name="/chat")
-    history = job.result(timeout=60)[0]
-    assert "first audio" in last_text(history) and "RTF" in last_text(history)
-    steps = job.outputs()
-    audio_at = [i for i, o in enumerate(steps) if isinstance(o[-1], str) and o[-1].endswith(".m3u8")]
-    assert audio_at and audio_at[0] < len(steps) - 1
-    assert "first audio" not in last_text(steps[audio_at[0]][0])  # heard while the reply was still being written
-    # Gradio closes the playlist (#EXT-X-ENDLIST) on its own thread, which can finish just after the job's result
-    # arrives (seen in full CI runs, 5 s late on a loaded 2-core machine): give it time, then require it.
-    deadline = time.monotonic() + 30
-    path = Path(steps[audio_at[-1]][-1])
-    while "#EXT-X-ENDLIST" not in (playlist := path.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    seconds = sum(float(x) for x in re.findall(r"#EXTINF:([0-9.]+)", playlist))
-    assert seconds > 0.3 and "#EXT-X-ENDLIST" in playlist, playlist
+    job = client.submit({"text": SPEECH_QUESTION, "files": []}, [], temperature=0.0, max_new_tokens=24, seed=0,
+                        speak=True, voice="Aiden", api_name="/chat")
+    history = job.result(timeout=60)
+    assert [m["role"] for m in history] == ["user", "assistant", "assistant"]
+    assert "first audio" in last_text(history[:2]) and "RTF" in last_text(history[:2])
+    (part,) = history[-1]["content"]
+    assert part["type"] == "file" and part["file"].endswith(".wav")
+    seconds, rms = decode_audio(Path(part["file"]).read_bytes())
+    assert seconds > 0.3 and rms > 1e-3, (seconds, rms)
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's Chromium: apt-get install -y chromium")
@@ -478,12 +497,12 @@ def test_browser_hears_the_spoken_reply(which, request):
             expect(speak).to_be_checked()
             box.fill(speech_server.get("question", "hi, what can you do?"))
             box.press("Enter")
-            reply = page.locator('#qo-chat [data-testid="bot"]').last
+            reply = page.locator('#qo-chat [data-testid="bot"]').filter(has_text="first")
             player = page.locator("#qo-player audio")
             deadline = time.monotonic() + 60
             state = {}
             while time.monotonic() < deadline:
-                text = reply.inner_text() if reply.count() else ""
+                text = reply.last.inner_text() if reply.count() else ""
                 state = player.evaluate("a => ({src: a.currentSrc, dur: a.duration, t: a.currentTime})") \
                     if player.count() else {}
                 if "first audio" in text and state.get("dur", 0) > 0.3 and state.get("t", 0) > 0:

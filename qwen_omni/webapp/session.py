@@ -24,18 +24,24 @@ import json
 import logging
 import mimetypes
 import re
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from ..engine.reasoning import OPEN, split
 from ..errors import InputError, QwenOmniError
-from ..speech.offline_voice import wav_bytes
+from ..speech.offline_voice import SAMPLE_RATE, wav_bytes
 
 log = logging.getLogger("qwen_omni.app")
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: qwen_omni/webapp/session.py -> ../..
 EXAMPLES_DIR = ROOT / "assets" / "examples"
+# spoken replies and voice turns kept as files, so they stay playable in the chat (Gradio serves the temp dir)
+AUDIO_DIR = Path(tempfile.gettempdir()) / "qwen-omni-audio"
 ERROR_TITLE = "⚠ Error"  # U+26A0 without the emoji selector: common text fonts have it
 GENERIC_ERROR = "Something went wrong on the server while answering (it has been logged). Please try again."
 MB = 1 << 20
@@ -169,8 +175,22 @@ def _parts(content: Any) -> list[tuple[str, str, str | None]]:
             out.append(("text", c.get("text", ""), None))
         elif isinstance(c, dict) and isinstance(c.get("file"), dict):
             out.append(("file", c["file"]["path"], c["file"].get("mime_type")))
+        elif isinstance(c, dict) and c.get("type") == "file" and isinstance(c.get("file"), str):
+            out.append(("file", c["file"], None))  # what gradio_client hands back: a path
         elif isinstance(c, dict) and "path" in c:
             out.append(("file", c["path"], c.get("mime_type")))
+    return out
+
+
+def api_history(history: list[dict]) -> list[dict]:
+    """The history in the typed shape of Gradio's messages (every content a list of {"type": "text"|"file"} parts),
+    which a gradio_client user can send back as it is (after `handle_file` on the file parts)."""
+    out = []
+    for m in history:
+        parts = [{"type": "text", "text": v} if kind == "text" else
+                 {"type": "file", "file": {"path": v, **({"mime_type": mime} if mime else {})}}
+                 for kind, v, mime in _parts(m.get("content"))]
+        out.append({**m, "content": parts, "metadata": m.get("metadata")})
     return out
 
 
@@ -216,6 +236,14 @@ def history_to_messages(history: list[dict], system_prompt: str = "") -> list[di
     return messages
 
 
+def audio_message(chunks: list[np.ndarray], stem: str, role: str = "assistant", rate: int = SAMPLE_RATE) -> dict:
+    """The audio chunks as one WAV file under AUDIO_DIR, as a chat message that plays it."""
+    AUDIO_DIR.mkdir(parents=True, exist_ok=True)
+    path = AUDIO_DIR / f"{stem}-{uuid.uuid4().hex[:12]}.wav"
+    path.write_bytes(wav_bytes(np.concatenate(chunks), rate))
+    return {"role": role, "content": {"path": str(path)}}
+
+
 def user_message(text: str, files: list[str]) -> dict:
     return {"role": "user", "content": [{"path": f} for f in files] + ([text] if text else [])}
 
@@ -233,6 +261,13 @@ def split_last_turn(history: list[dict]) -> tuple[list[dict], list[dict]]:
     while first > 0 and history[first - 1].get("role") == "user":
         first -= 1
     return list(history[:first]), list(history[first:last + 1])
+
+
+def edit(history: list[dict], index: int, text: str) -> list[dict]:
+    """The conversation up to the user message at `index`, whose text becomes `text` (its files are kept)."""
+    msg = history[index]
+    files = [{"path": v} for kind, v, _ in _parts(msg["content"]) if kind == "file"]
+    return [*history[:index], {"role": "user", "content": [*files, *([text] if text else [])]}]
 
 
 def undo(history: list[dict]) -> tuple[list[dict], dict | None]:
@@ -310,7 +345,7 @@ class ChatSession:
 
     def _reply(self, history: list[dict], system_prompt: str, sampling: Sampling) -> Iterator[tuple]:
         stats: dict = {}
-        text, answer = "", None
+        text, answer, spoken = "", None, []
         opened = OPEN if getattr(self.assistant, "reasoning_mode", None) else ""
         yield history, None, None  # show the user's turn (and the pending indicator) before the first token
         stream = None
@@ -325,6 +360,7 @@ class ChatSession:
             for piece in stream:
                 if not isinstance(piece, str):  # an audio chunk of the spoken reply
                     if piece.size:
+                        spoken.append(piece)
                         yield [*history, answer] if answer else history, None, wav_bytes(piece)
                     continue
                 text += piece
@@ -333,7 +369,7 @@ class ChatSession:
                 answer = {"role": "assistant", "content": opened + text}
                 yield [*history, answer], None, None
             answer = {"role": "assistant", "content": f"{opened}{text}\n\n{stats_line(stats)}"}
-            yield [*history, answer], None, None
+            yield [*history, answer, *([audio_message(spoken, "reply")] if spoken else [])], None, None
         except (QwenOmniError, ValueError) as e:
             yield [*history, *([answer] if answer else []), error_message(str(e))], str(e), None
         except Exception:  # noqa: BLE001 - a bug: keep the trace in the server log, not in the browser

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import CheckpointError
-from .session import EXAMPLES_DIR, MAX_BYTES, ROOT
+from .session import AUDIO_DIR, EXAMPLES_DIR, MAX_BYTES, ROOT
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def queue_options(settings: Settings) -> dict:
 def launch_options(settings: Settings) -> dict:
     return {"server_name": settings.host, "server_port": settings.port, "share": settings.share,
             "inbrowser": settings.inbrowser, "show_error": False, "max_file_size": max(MAX_BYTES.values()),
-            "allowed_paths": [str(EXAMPLES_DIR)], "ssr_mode": False, "quiet": True}
+            "allowed_paths": [str(EXAMPLES_DIR), str(AUDIO_DIR)], "ssr_mode": False, "quiet": True}
 
 
 def zero_gpu(environ: dict[str, str] | None = None) -> bool:
