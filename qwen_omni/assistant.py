@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from .engine import reasoning
@@ -32,6 +31,7 @@ from .models.loader import resolve_checkpoint
 from .models.moe import SparseMoE
 from .models.quant import quantize_int8
 from .models.registry import build_model
+from .speech.pipeline import join_spoken
 from .speech.switch import Speech
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -143,10 +143,7 @@ class Assistant:
             return pieces
         if not speech:
             return "".join(pieces)
-        parts = list(pieces)
-        audio = [p for p in parts if not isinstance(p, str)]
-        return ("".join(p for p in parts if isinstance(p, str)),
-                np.concatenate(audio) if audio else np.zeros(0, np.float32))
+        return join_spoken(pieces)
 
     @torch.inference_mode()  # applied around each resume of the generator (module docstring)
     def _stream(self, messages, max_new_tokens, params, seed, stats, options, tap=None) -> Iterator[str]:

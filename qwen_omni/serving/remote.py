@@ -34,6 +34,7 @@ import numpy as np
 from encoders import media, sources
 
 from ..errors import InputError, QwenOmniError
+from ..speech.pipeline import join_spoken
 
 
 class RemoteError(QwenOmniError):
@@ -148,10 +149,7 @@ class RemoteAssistant:
             return pieces
         if not speech:
             return "".join(pieces)
-        parts = list(pieces)
-        audio = [p for p in parts if not isinstance(p, str)]
-        return ("".join(p for p in parts if isinstance(p, str)),
-                np.concatenate(audio) if audio else np.zeros(0, np.float32))
+        return join_spoken(pieces)
 
     def _stream(self, body: dict, stats: dict, audio: bool = False) -> Iterator[str | np.ndarray]:
         import httpx

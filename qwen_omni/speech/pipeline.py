@@ -87,3 +87,10 @@ def media_of(inputs: dict) -> dict:
 def audio_in_video(ids: torch.Tensor, vision_start: int, audio_start: int) -> bool:
     row = ids[0].tolist()
     return any(a == vision_start and b == audio_start for a, b in zip(row, row[1:]))
+
+
+def join_spoken(pieces: Iterator[str | np.ndarray]) -> tuple[str, np.ndarray]:
+    """A spoken reply's stream (text pieces and float32 audio chunks, interleaved) as (text, whole waveform)."""
+    parts = list(pieces)
+    audio = [p for p in parts if not isinstance(p, str)]
+    return "".join(p for p in parts if isinstance(p, str)), np.concatenate(audio) if audio else np.zeros(0, np.float32)
