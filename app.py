@@ -115,13 +115,16 @@ def build_demo(assistant, settings: st.Settings) -> gr.Blocks:
         sampling = cs.Sampling(temperature, top_p, top_k, max_new, seed, av, bool(speak), voice)
         yield from ((h, a) for h, _, a in stream(regenerate_steps(sampling, history, system)))
 
-    def retry(history, *knobs, retry_data: gr.RetryData):
+    def retry(history, system, temperature, top_p, top_k, max_new, seed, av, speak, voice,
+              retry_data: gr.RetryData):
         """The chat's retry icon: answer the user turn at `retry_data.index` again."""
-        yield from regenerate(history[:retry_data.index + 1], *knobs)
+        yield from regenerate(history[:retry_data.index + 1], system, temperature, top_p, top_k, max_new, seed, av,
+                              speak, voice)
 
-    def edit(history, *knobs, edit_data: gr.EditData):
+    def edit(history, system, temperature, top_p, top_k, max_new, seed, av, speak, voice, edit_data: gr.EditData):
         """A user message edited in place: the conversation up to it, with the new text, answered again."""
-        yield from regenerate(cs.edit(history, edit_data.index, edit_data.value), *knobs)
+        yield from regenerate(cs.edit(history, edit_data.index, edit_data.value), system, temperature, top_p, top_k,
+                              max_new, seed, av, speak, voice)
 
     def chat(message: dict, history: list[dict], system: str = "", temperature: float = 0.6, top_p: float = 0.95,
              top_k: int = 20, max_new_tokens: int = 512, seed: int = -1, use_audio_in_video: bool = True,

@@ -403,6 +403,51 @@ def test_browser_streams_and_fits_a_phone(server, tmp_path):
             browser.close()
 
 
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's Chromium: apt-get install -y chromium")
+def test_browser_chat_retry_edit_undo(server):
+    """The Chatbot's own icons replace the old buttons: retry answers again, edit re-asks with the new text, undo
+    takes the turn back into the input box."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page, box = first_screen(browser, server["url"])
+            assert page.get_by_role("button", name="Regenerate").count() == 0  # the chat's own icons instead
+            send(page, box, "hi, what can you do?")
+            chat = page.locator("#qo-chat")
+            bots = chat.locator('[data-testid="bot"]')
+            bots.filter(has_text="tokens/s").first.wait_for(timeout=30000)
+            first = bots.last.inner_text()
+            chat.get_by_role("button", name="Retry").click()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and (bots.last.inner_text() == first or "tokens/s" not in
+                                                   bots.last.inner_text()):
+                time.sleep(0.05)
+            assert bots.count() == 1 and "tokens/s" in bots.last.inner_text() and bots.last.inner_text() != first
+
+            before = bots.last.inner_text()
+            chat.get_by_role("button", name="Edit").click()
+            editor = chat.locator("textarea").first
+            editor.fill("who are you?")
+            chat.get_by_role("button", name="Submit").click()
+            user = chat.locator('[data-testid="user"]')
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not ("who are you?" in user.last.inner_text() and bots.count()
+                                                       and "tokens/s" in bots.last.inner_text() != before):
+                time.sleep(0.05)
+            assert user.count() == 1 and "who are you?" in user.last.inner_text(), user.all_inner_texts()
+            assert bots.count() == 1 and "tokens/s" in bots.last.inner_text()
+
+            chat.get_by_role("button", name="Undo").click()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and (user.count() or box.input_value() != "who are you?"):
+                time.sleep(0.05)
+            assert user.count() == 0 and box.input_value() == "who are you?"
+        finally:
+            browser.close()
+
+
 # ------------------------------------------------------------------------------------------ spoken replies
 
 SPEECH_QUESTION = "what is in this picture? describe the image."  # this checkpoint answers it at length

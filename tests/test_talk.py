@@ -295,12 +295,13 @@ def test_browser_talks_hands_free(app_server, tmp_path):
             assert {"listening", "hearing", "thinking", "speaking"} <= set(seen), seen
             assert sorted(f.stem for f in shots.iterdir()) == ["hearing", "listening", "off", "speaking", "thinking"]
             assert played > 0.3, played  # the streamed reply played in the browser
-            # two voice turns: each user turn and each spoken reply is a playable audio message
-            assert page.locator('#qo-chat [data-testid="user"] audio').count() == 2
+            # (at least) two voice turns: each user turn and each spoken reply is a playable audio message; the
+            # looping question may have started a third turn by now
+            assert page.locator('#qo-chat [data-testid="user"] audio').count() >= 2
             replies = page.locator('#qo-chat [data-testid="bot"] audio')
-            assert replies.count() == 2
+            assert replies.count() >= 2
             texts = [t for t in bots.all_inner_texts() if "first audio" in t]
-            assert len(texts) == 2 and all("end of speech → first audio" in t for t in texts), texts
+            assert len(texts) >= 2 and all("end of speech → first audio" in t for t in texts), texts
             assert all(t.split("\n")[0].strip() for t in texts)  # the reply's words are there
             for i in range(2):
                 seconds, rms = decode_audio(audio_bytes(replies.nth(i)))
