@@ -234,7 +234,8 @@ def test_chat_session_streams_wav_chunks_and_stats(q3):
     assert chunks and all(s[1] is None for s in steps)
     with wave.open(io.BytesIO(chunks[0])) as w:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2) and w.getnframes() > 0
-    footer = steps[-1][0][-1]["content"]
-    assert "first audio" in footer and "RTF" in footer
+    *_, reply, audio = steps[-1][0]  # the spoken reply's text (with its stats footer), then its audio message
+    assert "first audio" in reply["content"] and "RTF" in reply["content"]
+    assert audio["role"] == "assistant" and str(audio["content"]["path"]).endswith(".wav")
     # callers without a player get (history, warning) steps as before
     assert all(len(s) == 2 for s in session.submit({"text": "hi"}, [], "", cs.Sampling(max_new_tokens=2)))
