@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 import threading
-from typing import Any
+from typing import Any, AsyncIterator
 
 import anyio
 
@@ -25,7 +25,7 @@ from ..engine.media_cache import CachingProcessor
 from ..engine.scheduler import BatchScheduler, QueueFullError, SchedulerClosedError
 from ..engine.tokenizer import StreamDecoder
 from ..errors import ContextOverflowError, QwenOmniError
-from .openai_api import APIError, ChatRequest
+from .openai_api import APIError, ChatRequest, StopText
 from .remote import RemoteAssistant, RemoteError, RemoteRequestError, RemoteUnsupportedError
 
 log = logging.getLogger("qwen_omni.serving.server")
@@ -278,3 +278,34 @@ class RemoteBackend:
 
     def close(self) -> None:
         self.remote.close()
+
+
+async def stop_at_strings(job: Job, stops: list[str], first: list) -> AsyncIterator[tuple[str, Any]]:
+    """A job's output as ("text", str) and ("audio", chunk) pairs, with the request's stop strings applied to the
+    text: at a match the job is cancelled and its finish_reason becomes "stop". Items of `first` and of each
+    `job.next()` batch are text (str) or (kind, value) pairs; a batch's consecutive texts go out as one piece (a
+    slow client gets a few tokens per chunk instead of falling behind)."""
+    stopper, batch = StopText(stops), first
+    while True:
+        runs: list[tuple[str, Any]] = []
+        for item in batch:
+            kind, value = ("text", item) if isinstance(item, str) else item
+            if kind == "text" and runs and runs[-1][0] == "text":
+                runs[-1] = ("text", runs[-1][1] + value)
+            else:
+                runs.append((kind, value))
+        for kind, value in runs:
+            if kind != "text":
+                yield kind, value
+                continue
+            if text := stopper.push(value):
+                yield "text", text
+            if stopper.stopped:
+                job.cancel()
+                job.finish_reason = "stop"
+                return
+        if job.done:
+            if tail := stopper.flush():
+                yield "text", tail
+            return
+        batch = await job.next()

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..engine.reasoning import Splitter, split
-from .backends import Job, LocalBackend, RemoteBackend, api_error
-from .openai_api import APIError, ChatRequest, MediaPolicy, StopText, chunk, completion, completion_id, \
+from .backends import Job, LocalBackend, RemoteBackend, api_error, stop_at_strings
+from .openai_api import APIError, ChatRequest, MediaPolicy, chunk, completion, completion_id, \
     parse_chat_request, usage
 from .process_backend import ProcessBackend
 from .realtime import install_realtime
@@ -241,20 +241,8 @@ def job_usage(job: Job) -> dict:
 
 async def pieces(job: Job, req: ChatRequest, first: list[str]):
     """Text pieces with stop strings applied; sets job.finish_reason to "stop" at a stop string."""
-    stopper, texts = StopText(req.stop), first
-    while True:
-        text = stopper.push("".join(texts))
-        if text:
-            yield text
-        if stopper.stopped:
-            job.cancel()
-            job.finish_reason = "stop"
-            return
-        if job.done:
-            if tail := stopper.flush():
-                yield tail
-            return
-        texts = await job.next()
+    async for _, text in stop_at_strings(job, req.stop, first):
+        yield text
 
 
 async def collect(job: Job, req: ChatRequest, first: list[str], reasoning_mode: bool | None = None

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from .audio_out import FORMATS, MIME, StreamEncoder, canonical, encode, pcm16
-from .openai_api import APIError, ChatRequest, StopText, chunk, completion, usage
+from .backends import stop_at_strings
+from .openai_api import APIError, ChatRequest, chunk, completion, usage
 from .speech_api import OFFLINE_AUDIO_TOKENS_PER_SECOND, SpeechJob, TranscriptStore, audio_tokens, check_voice, \
     run_spoken, start_chat_speech, start_tts
 
@@ -93,25 +94,8 @@ async def chat_audio(req: ChatRequest, start, count_audio, store: TranscriptStor
         job.cancel()
         raise on_error(e) from None
 
-    async def events():
-        stopper, batch = StopText(req.stop), first
-        while True:
-            for kind, value in batch:
-                if kind == "audio":
-                    yield kind, value
-                    continue
-                text = stopper.push(value)
-                if text:
-                    yield "text", text
-                if stopper.stopped:
-                    job.cancel()
-                    job.finish_reason = "stop"
-                    return
-            if job.done:
-                if tail := stopper.flush():
-                    yield "text", tail
-                return
-            batch = await job.next()
+    def events():
+        return stop_at_strings(job, req.stop, first)
 
     def use() -> dict:
         return usage(job.prompt_tokens, job.completion_tokens, job.cached_tokens, audio_tokens=count_audio(job))
