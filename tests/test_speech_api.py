@@ -226,25 +226,25 @@ def test_realtime_session(client, model, served):
             audible(np.frombuffer(pcm, "<i2").astype(np.float32) / 32768, 24000)
             if turn == 1:  # the first turn came from the KV prefix cache
                 assert done.response.usage.input_token_details.cached_tokens > 0
-    with client.realtime.connect(model=model) as conn:  # barge-in: a long reply, the user speaks while it plays
+    def start_reply(conn) -> list:
+        """Ask by text for a (long) reply and wait until its audio is playing; the events seen so far."""
         seen = []
         until(conn, "session.created", seen)
         conn.conversation.item.create(item={"type": "message", "role": "user",
                                             "content": [{"type": "input_text", "text": "hello"}]})
         conn.response.create()
         until(conn, "response.output_audio.delta", seen)
+        return seen
+
+    with client.realtime.connect(model=model) as conn:  # barge-in: a long reply, the user speaks while it plays
+        seen = start_reply(conn)
         append(conn, spoken("stop please", silence_s=0.1))
         started = until(conn, "input_audio_buffer.speech_started", seen)
         done = until(conn, "response.done", seen)
         assert done.response.status == "cancelled"
         assert started.model_extra.get("interrupted_response") is True
     with client.realtime.connect(model=model) as conn:  # response.cancel from the client (a fresh, long reply)
-        seen = []
-        until(conn, "session.created", seen)
-        conn.conversation.item.create(item={"type": "message", "role": "user",
-                                            "content": [{"type": "input_text", "text": "hello"}]})
-        conn.response.create()
-        until(conn, "response.output_audio.delta", seen)
+        seen = start_reply(conn)
         conn.response.cancel()
         assert until(conn, "response.done", seen).response.status == "cancelled"
     assert say(client, model).choices[0].message.content  # the server keeps serving

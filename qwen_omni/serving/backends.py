@@ -309,3 +309,12 @@ async def stop_at_strings(job: Job, stops: list[str], first: list) -> AsyncItera
                 yield "text", tail
             return
         batch = await job.next()
+
+
+async def cancel_on_disconnect(request, job: Job, every: float = 0.5) -> None:
+    """Cancel a job whose HTTP client has left (a non-streaming request has no generator to notice it)."""
+    while not job.done:
+        if await request.is_disconnected():
+            job.cancel()
+            return
+        await asyncio.sleep(every)

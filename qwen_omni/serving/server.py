@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..engine.reasoning import Splitter, split
-from .backends import Job, LocalBackend, RemoteBackend, api_error, stop_at_strings
+from .backends import Job, LocalBackend, RemoteBackend, api_error, cancel_on_disconnect, stop_at_strings
 from .openai_api import APIError, ChatRequest, MediaPolicy, chunk, completion, completion_id, \
     parse_chat_request, usage
 from .process_backend import ProcessBackend
@@ -279,14 +279,6 @@ async def sse(job: Job, req: ChatRequest, cid: str, model: str, first: list[str]
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()  # the client left (the generator was cancelled) or we are done: free the slot
-
-
-async def cancel_on_disconnect(request, job: Job, every: float = 0.5) -> None:
-    while not job.done:
-        if await request.is_disconnected():
-            job.cancel()
-            return
-        await asyncio.sleep(every)
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

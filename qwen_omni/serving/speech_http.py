@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .audio_out import FORMATS, MIME, StreamEncoder, canonical, encode, pcm16
-from .backends import stop_at_strings
+from .backends import cancel_on_disconnect, stop_at_strings
 from .openai_api import APIError, ChatRequest, chunk, completion, usage
 from .speech_api import OFFLINE_AUDIO_TOKENS_PER_SECOND, SpeechJob, TranscriptStore, audio_tokens, check_voice, \
     run_spoken, start_chat_speech, start_tts
@@ -106,7 +106,7 @@ async def chat_audio(req: ChatRequest, start, count_audio, store: TranscriptStor
     headers = {"x-qwen-omni-cached-tokens": "0"}
     if not req.stream:
         texts, chunks = [], []
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, job)) if request is not None else None
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job)) if request is not None else None
         try:
             async for kind, value in events():
                 (texts if kind == "text" else chunks).append(value)
@@ -149,14 +149,6 @@ async def chat_audio(req: ChatRequest, start, count_audio, store: TranscriptStor
             job.cancel()
     return StreamingResponse(sse(), media_type="text/event-stream",
                              headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-async def _cancel_on_disconnect(request, job: SpeechJob, every: float = 0.5) -> None:
-    while not job.done:
-        if await request.is_disconnected():
-            job.cancel()
-            return
-        await asyncio.sleep(every)
 
 
 def parse_speech_request(body: Any) -> dict:
